@@ -1,0 +1,21 @@
+//! The implementation of each subcommand; [`run`] dispatches.
+
+mod detect;
+mod info;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the parsed command line; the exit code says whether every input succeeded.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    if cli.threads > 0 {
+        tch::set_num_threads(cli.threads);
+    }
+    match cli.command {
+        Command::Info => info::run(),
+        Command::Detect(args) => detect::run(args),
+    }
+}

@@ -1,0 +1,183 @@
+//! ResNet-50 body with frozen batch norm, as torchvision's `resnet50` inside
+//! `IntermediateLayerGetter` (returns the outputs of layer1..layer4).
+//!
+//! Variable paths equal torchvision's state-dict keys under `backbone.body`. Frozen batch
+//! norm can be folded into the preceding convolution for inference ([`ResNetBody::fuse`]).
+
+use tch::{nn, Tensor};
+
+/// Epsilon of torchvision's `FrozenBatchNorm2d`.
+const FROZEN_BN_EPS: f64 = 1e-5;
+
+/// Batch norm with fixed statistics and affine parameters (torchvision `FrozenBatchNorm2d`).
+///
+/// Its four tensors are never trained: fine-tuning Faster R-CNN keeps them frozen, as
+/// torchvision does.
+#[derive(Debug)]
+pub struct FrozenBatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl FrozenBatchNorm2d {
+    /// Creates the four buffers under `p` (`weight`, `bias`, `running_mean`, `running_var`).
+    pub fn new(p: nn::Path, channels: i64) -> Self {
+        Self {
+            weight: p.ones_no_train("weight", &[channels]),
+            bias: p.zeros_no_train("bias", &[channels]),
+            running_mean: p.zeros_no_train("running_mean", &[channels]),
+            running_var: p.ones_no_train("running_var", &[channels]),
+        }
+    }
+
+    /// Per-channel `(scale, shift)` so that `bn(x) = x * scale + shift`.
+    fn scale_shift(&self) -> (Tensor, Tensor) {
+        let scale = &self.weight * (&self.running_var + FROZEN_BN_EPS).rsqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        (scale, shift)
+    }
+
+    /// Applies the normalization, as torchvision's `FrozenBatchNorm2d.forward`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (scale, shift) = self.scale_shift();
+        x * scale.view([1, -1, 1, 1]) + shift.view([1, -1, 1, 1])
+    }
+}
+
+/// A bias-free convolution followed by frozen batch norm; foldable into one convolution.
+#[derive(Debug)]
+pub struct ConvBn {
+    conv: nn::Conv2D,
+    bn: FrozenBatchNorm2d,
+    stride: i64,
+    padding: i64,
+    /// Convolution weight and bias with the batch norm folded in, once [`ConvBn::fuse`] ran.
+    fused: Option<(Tensor, Tensor)>,
+}
+
+impl ConvBn {
+    fn new(conv_path: nn::Path, bn_path: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> Self {
+        let cfg = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
+        Self {
+            conv: nn::conv2d(conv_path, cin, cout, k, cfg),
+            bn: FrozenBatchNorm2d::new(bn_path, cout),
+            stride,
+            padding,
+            fused: None,
+        }
+    }
+
+    /// Folds the frozen batch norm into the convolution (inference only).
+    fn fuse(&mut self) {
+        let _guard = tch::no_grad_guard();
+        let (scale, shift) = self.bn.scale_shift();
+        let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
+        self.fused = Some((weight, shift));
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match &self.fused {
+            Some((w, b)) => x.conv2d(w, Some(b), [self.stride], [self.padding], [1], 1),
+            None => self.bn.forward(&x.apply(&self.conv)),
+        }
+    }
+}
+
+/// ResNet "Bottleneck" block (v1.5: stride on the 3x3 convolution).
+#[derive(Debug)]
+struct Bottleneck {
+    conv_bn1: ConvBn,
+    conv_bn2: ConvBn,
+    conv_bn3: ConvBn,
+    downsample: Option<ConvBn>,
+}
+
+impl Bottleneck {
+    fn new(p: &nn::Path, inplanes: i64, planes: i64, stride: i64, downsample: bool) -> Self {
+        let out = planes * 4;
+        Self {
+            conv_bn1: ConvBn::new(p / "conv1", p / "bn1", inplanes, planes, 1, 1, 0),
+            conv_bn2: ConvBn::new(p / "conv2", p / "bn2", planes, planes, 3, stride, 1),
+            conv_bn3: ConvBn::new(p / "conv3", p / "bn3", planes, out, 1, 1, 0),
+            downsample: downsample
+                .then(|| ConvBn::new(p / "downsample" / "0", p / "downsample" / "1", inplanes, out, 1, stride, 0)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let out = self.conv_bn1.forward(x).relu_();
+        let out = self.conv_bn2.forward(&out).relu_();
+        let mut out = self.conv_bn3.forward(&out);
+        match &self.downsample {
+            Some(d) => out += d.forward(x),
+            None => out += x,
+        }
+        out.relu_()
+    }
+
+    fn convs_mut(&mut self) -> impl Iterator<Item = &mut ConvBn> {
+        [&mut self.conv_bn1, &mut self.conv_bn2, &mut self.conv_bn3]
+            .into_iter()
+            .chain(self.downsample.as_mut())
+    }
+}
+
+/// The ResNet-50 body: stem, then four stages returning C2..C5 feature maps.
+#[derive(Debug)]
+pub struct ResNetBody {
+    stem: ConvBn,
+    layers: Vec<Vec<Bottleneck>>,
+}
+
+/// Out channels of layer1..layer4, the FPN's inputs.
+pub const RESNET50_STAGE_CHANNELS: [i64; 4] = [256, 512, 1024, 2048];
+
+impl ResNetBody {
+    /// Creates ResNet-50 (blocks 3, 4, 6, 3) under `p` (torchvision `backbone.body`).
+    pub fn resnet50(p: &nn::Path) -> Self {
+        let stem = ConvBn::new(p / "conv1", p / "bn1", 3, 64, 7, 2, 3);
+        let mut inplanes = 64;
+        let mut layers = Vec::new();
+        for (i, (&blocks, planes)) in [3i64, 4, 6, 3].iter().zip([64i64, 128, 256, 512]).enumerate() {
+            let stride = if i == 0 { 1 } else { 2 };
+            let lp = p / format!("layer{}", i + 1);
+            let stage = (0..blocks)
+                .map(|b| {
+                    let block = if b == 0 {
+                        Bottleneck::new(&(&lp / "0"), inplanes, planes, stride, true)
+                    } else {
+                        Bottleneck::new(&(&lp / b.to_string()), planes * 4, planes, 1, false)
+                    };
+                    inplanes = planes * 4;
+                    block
+                })
+                .collect();
+            layers.push(stage);
+        }
+        Self { stem, layers }
+    }
+
+    /// Returns the outputs of layer1..layer4 (strides 4, 8, 16, 32).
+    pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        let x = self.stem.forward(x).relu_();
+        let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut outputs = Vec::with_capacity(4);
+        for stage in &self.layers {
+            for block in stage {
+                x = block.forward(&x);
+            }
+            outputs.push(x.shallow_clone());
+        }
+        outputs
+    }
+
+    /// Folds every frozen batch norm into its convolution, for faster inference.
+    pub fn fuse(&mut self) {
+        self.stem.fuse();
+        for block in self.layers.iter_mut().flatten() {
+            block.convs_mut().for_each(ConvBn::fuse);
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Faster R-CNN ResNet-50 FPN (Ren et al., 2015; Lin et al., 2017), equal to torchvision's
+//! `fasterrcnn_resnet50_fpn` (v1).
+//!
+//! One file per part, named as in torchvision: [`transform`], [`backbone`] (ResNet-50 body),
+//! [`fpn`], [`anchors`], [`rpn`], [`roi_heads`]. Variable paths equal torchvision's
+//! state-dict keys, so a torchvision state dict converted to safetensors loads unchanged.
+
+pub mod anchors;
+pub mod backbone;
+pub mod config;
+pub mod fpn;
+pub mod roi_heads;
+pub mod rpn;
+pub mod transform;
+
+use tch::{nn, Tensor};
+
+pub use config::FasterRcnnConfig;
+
+use anchors::{AnchorGenerator, DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS};
+use backbone::{ResNetBody, RESNET50_STAGE_CHANNELS};
+use fpn::{Fpn, FPN_CHANNELS};
+use roi_heads::{DetectionLimits, RawDetections, RoiHeads};
+use rpn::{ProposalLimits, RegionProposalNetwork, RpnHead};
+use transform::Transform;
+
+use crate::model::ops::BoxCoder;
+
+/// Detections of one image, in original-image pixel coordinates.
+#[derive(Debug)]
+pub struct Detections {
+    /// `[D, 4]` float boxes `(x1, y1, x2, y2)`.
+    pub boxes: Tensor,
+    /// `[D]` float scores, descending.
+    pub scores: Tensor,
+    /// `[D]` int64 class indices into the label map.
+    pub labels: Tensor,
+}
+
+/// Everything an inference pass computed, for parity tests and debugging.
+#[derive(Debug)]
+pub struct InferenceTrace {
+    /// FPN outputs "0", "1", "2", "3", "pool" of the padded batch.
+    pub features: Vec<Tensor>,
+    /// RPN proposals per image, in resized-image coordinates.
+    pub proposals: Vec<Tensor>,
+    /// Final detections per image, in original-image coordinates.
+    pub detections: Vec<Detections>,
+}
+
+/// The detector. Build it with a [`nn::Path`] at the root of a `VarStore`, load weights,
+/// then call [`FasterRcnn::fuse_for_inference`] once before serving.
+#[derive(Debug)]
+pub struct FasterRcnn {
+    cfg: FasterRcnnConfig,
+    transform: Transform,
+    body: ResNetBody,
+    fpn: Fpn,
+    rpn: RegionProposalNetwork,
+    roi_heads: RoiHeads,
+}
+
+impl FasterRcnn {
+    /// Creates all variables under `root` with torchvision's names.
+    pub fn new(root: &nn::Path, cfg: FasterRcnnConfig) -> Self {
+        let backbone = root / "backbone";
+        let anchor_generator = AnchorGenerator::new(&DEFAULT_ANCHOR_SIZES, &DEFAULT_ASPECT_RATIOS);
+        let num_anchors = anchor_generator.num_anchors_per_location();
+        Self {
+            transform: Transform::new(&cfg),
+            body: ResNetBody::resnet50(&(&backbone / "body")),
+            fpn: Fpn::new(&(&backbone / "fpn"), &RESNET50_STAGE_CHANNELS),
+            rpn: RegionProposalNetwork {
+                head: RpnHead::new(&(root / "rpn" / "head"), FPN_CHANNELS, num_anchors),
+                anchor_generator,
+                box_coder: BoxCoder::new([1.0, 1.0, 1.0, 1.0]),
+            },
+            roi_heads: RoiHeads::new(&(root / "roi_heads"), FPN_CHANNELS, cfg.num_classes),
+            cfg,
+        }
+    }
+
+    /// The configuration this model was built with.
+    pub fn config(&self) -> &FasterRcnnConfig {
+        &self.cfg
+    }
+
+    /// Changes the post-processing knobs (score and NMS thresholds, detections per image,
+    /// RPN top-n, image sizes) without touching the weights.
+    pub fn set_inference_options(&mut self, cfg: FasterRcnnConfig) {
+        self.transform = Transform::new(&cfg);
+        self.cfg = FasterRcnnConfig { num_classes: self.cfg.num_classes, ..cfg };
+    }
+
+    /// Folds frozen batch norm into convolutions. Call after loading weights, before
+    /// inference; do not train a fused model.
+    pub fn fuse_for_inference(&mut self) {
+        self.body.fuse();
+    }
+
+    /// Detects objects in `[3, H, W]` float RGB images in `[0, 1]`, all on the model's
+    /// device; images may differ in size and are batched in one forward pass.
+    pub fn detect(&self, images: &[Tensor]) -> Vec<Detections> {
+        self.detect_traced(images).detections
+    }
+
+    /// [`FasterRcnn::detect`], also returning the FPN features and RPN proposals.
+    pub fn detect_traced(&self, images: &[Tensor]) -> InferenceTrace {
+        let _guard = tch::no_grad_guard();
+        if images.is_empty() {
+            return InferenceTrace { features: vec![], proposals: vec![], detections: vec![] };
+        }
+        let original_sizes: Vec<(i64, i64)> = images.iter().map(|t| (t.size()[1], t.size()[2])).collect();
+        let batch = self.transform.batch(images);
+        let padded = (batch.tensors.size()[2], batch.tensors.size()[3]);
+        let features = self.fpn.forward(&self.body.forward(&batch.tensors));
+        let limits = ProposalLimits {
+            pre_nms_top_n: self.cfg.rpn_pre_nms_top_n_test,
+            post_nms_top_n: self.cfg.rpn_post_nms_top_n_test,
+            nms_thresh: self.cfg.rpn_nms_thresh,
+            score_thresh: self.cfg.rpn_score_thresh,
+        };
+        let rpn = self.rpn.forward(&features, padded, &batch.image_sizes, limits);
+        let raw = self.roi_heads.detect(
+            &features,
+            &rpn.proposals,
+            &batch.image_sizes,
+            DetectionLimits {
+                score_thresh: self.cfg.box_score_thresh,
+                nms_thresh: self.cfg.box_nms_thresh,
+                detections_per_img: self.cfg.box_detections_per_img,
+            },
+        );
+        let detections = raw
+            .into_iter()
+            .zip(batch.image_sizes.iter().zip(&original_sizes))
+            .map(|(RawDetections { boxes, scores, labels }, (&resized, &original))| Detections {
+                boxes: Transform::boxes_to_original(&boxes, resized, original),
+                scores,
+                labels,
+            })
+            .collect();
+        InferenceTrace { features, proposals: rpn.proposals, detections }
+    }
+}

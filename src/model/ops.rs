@@ -1,0 +1,409 @@
+//! Detection ops that libtorch lacks, with torchvision's exact semantics.
+//!
+//! torchvision implements `nms` and `roi_align` as C++/CUDA extensions that are not part of
+//! libtorch, so they are written here. Every function documents the torchvision function it
+//! mirrors; `tests/ops_parity.rs` checks them against `torchvision.ops` on random inputs,
+//! ties, degenerate boxes and empty inputs.
+
+use tch::{Device, Kind, Tensor};
+
+/// Area of `[N, 4]` boxes in `(x1, y1, x2, y2)` form, as `torchvision.ops.box_area`.
+pub fn box_area(boxes: &Tensor) -> Tensor {
+    let w = boxes.select(1, 2) - boxes.select(1, 0);
+    let h = boxes.select(1, 3) - boxes.select(1, 1);
+    w * h
+}
+
+/// Pairwise IoU `[N, M]` of two box sets, as `torchvision.ops.box_iou` (no +1 pixel).
+pub fn box_iou(boxes1: &Tensor, boxes2: &Tensor) -> Tensor {
+    let area1 = box_area(boxes1);
+    let area2 = box_area(boxes2);
+    let b1 = boxes1.unsqueeze(1);
+    let lt = b1.narrow(2, 0, 2).maximum(&boxes2.narrow(1, 0, 2));
+    let rb = b1.narrow(2, 2, 2).minimum(&boxes2.narrow(1, 2, 2));
+    let wh = (rb - lt).clamp_min(0.0);
+    let inter = wh.select(2, 0) * wh.select(2, 1);
+    let union = area1.unsqueeze(1) + area2 - &inter;
+    inter / union
+}
+
+/// Clamps box coordinates into an image of `(height, width)`, as
+/// `torchvision.ops.clip_boxes_to_image`.
+pub fn clip_boxes_to_image(boxes: &Tensor, (height, width): (i64, i64)) -> Tensor {
+    let shape = boxes.size();
+    let b = boxes.reshape([-1, 4]);
+    let x1 = b.select(1, 0).clamp(0.0, width as f64);
+    let y1 = b.select(1, 1).clamp(0.0, height as f64);
+    let x2 = b.select(1, 2).clamp(0.0, width as f64);
+    let y2 = b.select(1, 3).clamp(0.0, height as f64);
+    Tensor::stack(&[x1, y1, x2, y2], 1).reshape(shape)
+}
+
+/// Indices of boxes whose width and height are both at least `min_size`, as
+/// `torchvision.ops.remove_small_boxes`.
+pub fn remove_small_boxes(boxes: &Tensor, min_size: f64) -> Tensor {
+    let ws = boxes.select(1, 2) - boxes.select(1, 0);
+    let hs = boxes.select(1, 3) - boxes.select(1, 1);
+    let keep = ws.ge(min_size).logical_and(&hs.ge(min_size));
+    keep.nonzero().select(1, 0)
+}
+
+/// Copies a float tensor to a `Vec<f32>` on the CPU.
+fn to_vec_f32(t: &Tensor) -> Vec<f32> {
+    let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
+    Vec::<f32>::try_from(&t).unwrap_or_default()
+}
+
+/// Greedy non-maximum suppression, as `torchvision.ops.nms`: boxes are visited in
+/// descending score order (a stable sort, so ties keep index order); a box is dropped when
+/// its IoU with an already kept box is strictly greater than `iou_threshold`. Returns the
+/// kept indices (int64) sorted by decreasing score, on the boxes' device.
+///
+/// The arithmetic is done in f32 in the same order as torchvision's CPU kernel so that
+/// borderline overlaps are decided the same way.
+pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
+    let device = boxes.device();
+    let n = boxes.size()[0];
+    if n == 0 {
+        return Tensor::empty([0], (Kind::Int64, device));
+    }
+    let (_, order) = scores.sort_stable(true, 0, true);
+    let order = Vec::<i64>::try_from(&order.to_device(Device::Cpu)).unwrap_or_default();
+    let b = to_vec_f32(boxes);
+    let threshold = iou_threshold as f32;
+    let n = n as usize;
+    let area: Vec<f32> = (0..n)
+        .map(|i| (b[4 * i + 2] - b[4 * i]) * (b[4 * i + 3] - b[4 * i + 1]))
+        .collect();
+    let mut suppressed = vec![false; n];
+    let mut keep = Vec::with_capacity(n);
+    for (pos, &i) in order.iter().enumerate() {
+        let i = i as usize;
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i as i64);
+        let (ix1, iy1, ix2, iy2) = (b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
+        for &j in &order[pos + 1..] {
+            let j = j as usize;
+            if suppressed[j] {
+                continue;
+            }
+            let xx1 = ix1.max(b[4 * j]);
+            let yy1 = iy1.max(b[4 * j + 1]);
+            let xx2 = ix2.min(b[4 * j + 2]);
+            let yy2 = iy2.min(b[4 * j + 3]);
+            let w = (xx2 - xx1).max(0.0);
+            let h = (yy2 - yy1).max(0.0);
+            let inter = w * h;
+            let iou = inter / (area[i] + area[j] - inter);
+            if iou > threshold {
+                suppressed[j] = true;
+            }
+        }
+    }
+    Tensor::from_slice(&keep).to_device(device)
+}
+
+/// Class-aware NMS, as `torchvision.ops.batched_nms`: boxes with different `idxs` never
+/// suppress each other. Like torchvision, small inputs use the coordinate-offset trick and
+/// large ones (more than 4,000 coordinates on CPU, 100,000 on GPU) run NMS per class, so
+/// the float rounding of the two paths matches torchvision's choice.
+pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold: f64) -> Tensor {
+    let device = boxes.device();
+    let limit = if device == Device::Cpu { 4000 } else { 100_000 };
+    if boxes.numel() == 0 {
+        return Tensor::empty([0], (Kind::Int64, device));
+    }
+    if boxes.numel() > limit {
+        batched_nms_per_class(boxes, scores, idxs, iou_threshold)
+    } else {
+        let max_coordinate = boxes.max();
+        let offsets = idxs.to_kind(boxes.kind()) * (max_coordinate + 1.0);
+        let shifted = boxes + offsets.unsqueeze(1);
+        nms(&shifted, scores, iou_threshold)
+    }
+}
+
+/// The per-class path of [`batched_nms`] (torchvision's `_batched_nms_vanilla`).
+fn batched_nms_per_class(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou: f64) -> Tensor {
+    let device = boxes.device();
+    let keep_mask = Tensor::zeros([scores.size()[0]], (Kind::Bool, device));
+    let classes = idxs.unique_dim(0, true, false, false).0;
+    for class_id in Vec::<i64>::try_from(&classes.to_device(Device::Cpu)).unwrap_or_default() {
+        let indices = idxs.eq(class_id).nonzero().select(1, 0);
+        let kept = nms(
+            &boxes.index_select(0, &indices),
+            &scores.index_select(0, &indices),
+            iou,
+        );
+        let kept_global = indices.index_select(0, &kept);
+        let _ = keep_mask
+            .shallow_clone()
+            .index_fill_(0, &kept_global, 1i64);
+    }
+    let keep = keep_mask.nonzero().select(1, 0);
+    let (_, order) = scores
+        .index_select(0, &keep)
+        .sort(0, true);
+    keep.index_select(0, &order)
+}
+
+/// RoIAlign, as `torchvision.ops.roi_align`.
+///
+/// * `input`: `[N, C, H, W]` features.
+/// * `rois`: `[K, 5]` rows of `(batch_index, x1, y1, x2, y2)` in input-image coordinates.
+/// * `spatial_scale` maps image coordinates to feature coordinates.
+/// * `sampling_ratio > 0` takes that many bilinear samples per bin and axis; `<= 0` takes
+///   `ceil(roi_size / output_size)` like torchvision's adaptive mode.
+/// * `aligned = false` is torchvision's default (and Faster R-CNN's): no half-pixel shift,
+///   and RoIs are at least one feature pixel wide.
+///
+/// Returns `[K, C, output_h, output_w]`. Samples are gathered from a channels-last copy of
+/// the features in chunks of RoIs, so memory stays bounded for thousands of RoIs.
+pub fn roi_align(
+    input: &Tensor,
+    rois: &Tensor,
+    (pooled_h, pooled_w): (i64, i64),
+    spatial_scale: f64,
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
+    let (n, c, height, width) = input.size4().unwrap_or((0, 0, 0, 0));
+    let k = rois.size()[0];
+    let device = input.device();
+    let kind = input.kind();
+    if k == 0 {
+        return Tensor::zeros([0, c, pooled_h, pooled_w], (kind, device));
+    }
+    // Channels-last rows: one row of C values per (batch, y, x).
+    let table = input.permute([0, 2, 3, 1]).contiguous().view([n * height * width, c]);
+    let rois = rois.to_kind(kind);
+    let offset = if aligned { 0.5 } else { 0.0 };
+    let batch = rois.select(1, 0).to_kind(Kind::Int64);
+    let start_w = rois.select(1, 1) * spatial_scale - offset;
+    let start_h = rois.select(1, 2) * spatial_scale - offset;
+    let end_w = rois.select(1, 3) * spatial_scale - offset;
+    let end_h = rois.select(1, 4) * spatial_scale - offset;
+    let mut roi_w = &end_w - &start_w;
+    let mut roi_h = &end_h - &start_h;
+    if !aligned {
+        roi_w = roi_w.clamp_min(1.0);
+        roi_h = roi_h.clamp_min(1.0);
+    }
+    let bin_w = &roi_w / pooled_w as f64;
+    let bin_h = &roi_h / pooled_h as f64;
+
+    // Sample grid size per RoI: fixed, or adaptive (then grouped by grid size).
+    let (grid_h, grid_w): (Vec<i64>, Vec<i64>) = if sampling_ratio > 0 {
+        (vec![sampling_ratio; k as usize], vec![sampling_ratio; k as usize])
+    } else {
+        let gh = (&roi_h / pooled_h as f64).ceil().to_kind(Kind::Int64);
+        let gw = (&roi_w / pooled_w as f64).ceil().to_kind(Kind::Int64);
+        (
+            Vec::<i64>::try_from(&gh.to_device(Device::Cpu)).unwrap_or_default(),
+            Vec::<i64>::try_from(&gw.to_device(Device::Cpu)).unwrap_or_default(),
+        )
+    };
+    let mut groups: std::collections::BTreeMap<(i64, i64), Vec<i64>> = Default::default();
+    for i in 0..k as usize {
+        groups.entry((grid_h[i], grid_w[i])).or_default().push(i as i64);
+    }
+    let output = Tensor::zeros([k, c, pooled_h, pooled_w], (kind, device));
+    let geometry = RoiGeometry {
+        batch: &batch,
+        start_h: &start_h,
+        start_w: &start_w,
+        bin_h: &bin_h,
+        bin_w: &bin_w,
+    };
+    for ((gh, gw), members) in groups {
+        // RoIs per chunk so that one chunk gathers about 2^22 feature values per corner.
+        let samples = (pooled_h * gh.max(1) * pooled_w * gw.max(1)).max(1);
+        let chunk = ((1i64 << 22) / (samples * c.max(1))).max(1) as usize;
+        for part in members.chunks(chunk) {
+            let index = Tensor::from_slice(part).to_device(device);
+            let pooled = roi_align_group(
+                &table,
+                &geometry.select(&index),
+                (height, width),
+                (pooled_h, pooled_w),
+                (gh, gw),
+            );
+            let _ = output.shallow_clone().index_copy_(0, &index, &pooled);
+        }
+    }
+    output
+}
+
+/// Per-RoI geometry shared by every sample of that RoI.
+struct RoiGeometry<'a> {
+    batch: &'a Tensor,
+    start_h: &'a Tensor,
+    start_w: &'a Tensor,
+    bin_h: &'a Tensor,
+    bin_w: &'a Tensor,
+}
+
+/// The same geometry, owned, for a subset of RoIs.
+struct RoiGeometryOwned {
+    batch: Tensor,
+    start_h: Tensor,
+    start_w: Tensor,
+    bin_h: Tensor,
+    bin_w: Tensor,
+}
+
+impl RoiGeometry<'_> {
+    fn select(&self, index: &Tensor) -> RoiGeometryOwned {
+        RoiGeometryOwned {
+            batch: self.batch.index_select(0, index),
+            start_h: self.start_h.index_select(0, index),
+            start_w: self.start_w.index_select(0, index),
+            bin_h: self.bin_h.index_select(0, index),
+            bin_w: self.bin_w.index_select(0, index),
+        }
+    }
+}
+
+/// Sample positions along one axis, `[K, pooled * grid]`, computed in torchvision's
+/// operation order: `start + p * bin + (i + 0.5) * bin / grid`.
+fn sample_positions(start: &Tensor, bin: &Tensor, pooled: i64, grid: i64) -> Tensor {
+    let device = start.device();
+    let kind = start.kind();
+    let p = Tensor::arange(pooled, (kind, device))
+        .repeat_interleave_self_int(grid, 0, None)
+        .unsqueeze(0);
+    let i = (Tensor::arange(grid, (kind, device)) + 0.5)
+        .repeat([pooled])
+        .unsqueeze(0);
+    let bin = bin.unsqueeze(1);
+    start.unsqueeze(1) + &p * &bin + (&i * &bin) / grid as f64
+}
+
+/// Bilinear corner indices and weights along one axis, as torchvision's
+/// `bilinear_interpolate`: positions outside `[-1, size]` contribute zero; others are
+/// clamped into the map.
+fn axis_weights(pos: &Tensor, size: i64) -> (Tensor, Tensor, Tensor, Tensor) {
+    let valid = pos.ge(-1.0).logical_and(&pos.le(size as f64));
+    let p = pos.clamp_min(0.0);
+    let low = p.floor().to_kind(Kind::Int64);
+    let at_edge = low.ge(size - 1);
+    let low = low.clamp_max(size - 1);
+    let high = (&low + 1).clamp_max(size - 1);
+    let p = p.where_self(&at_edge.logical_not(), &low.to_kind(pos.kind()));
+    let l = &p - low.to_kind(pos.kind());
+    let h = 1.0 - &l;
+    let valid = valid.to_kind(pos.kind());
+    (low, high, h * &valid, l * valid)
+}
+
+/// RoIAlign for RoIs that share one sample-grid size.
+fn roi_align_group(
+    table: &Tensor,
+    g: &RoiGeometryOwned,
+    (height, width): (i64, i64),
+    (pooled_h, pooled_w): (i64, i64),
+    (grid_h, grid_w): (i64, i64),
+) -> Tensor {
+    let k = g.batch.size()[0];
+    let c = table.size()[1];
+    let ys = sample_positions(&g.start_h, &g.bin_h, pooled_h, grid_h); // [K, SY]
+    let xs = sample_positions(&g.start_w, &g.bin_w, pooled_w, grid_w); // [K, SX]
+    // A sample is valid only if both coordinates are in range; torchvision zeroes all four
+    // weights otherwise, which the product of the per-axis validity does.
+    let (y_low, y_high, hy, ly) = axis_weights(&ys, height);
+    let (x_low, x_high, hx, lx) = axis_weights(&xs, width);
+    let sy = ys.size()[1];
+    let sx = xs.size()[1];
+    let base = (&g.batch * (height * width)).view([k, 1, 1]);
+    let gather = |yi: &Tensor, xi: &Tensor| -> Tensor {
+        let idx = &base + (yi * width).view([k, sy, 1]) + xi.view([k, 1, sx]);
+        table.index_select(0, &idx.view(-1)).view([k, sy, sx, c])
+    };
+    let w = |a: &Tensor, b: &Tensor| (a.view([k, sy, 1]) * b.view([k, 1, sx])).unsqueeze(-1);
+    let value = w(&hy, &hx) * gather(&y_low, &x_low)
+        + w(&hy, &lx) * gather(&y_low, &x_high)
+        + w(&ly, &hx) * gather(&y_high, &x_low)
+        + w(&ly, &lx) * gather(&y_high, &x_high);
+    // Average the grid_h x grid_w samples of each bin.
+    let count = (grid_h * grid_w).max(1) as f64;
+    value
+        .view([k, pooled_h, grid_h, pooled_w, grid_w, c])
+        .sum_dim_intlist([2i64, 4].as_slice(), false, table.kind())
+        .permute([0, 3, 1, 2])
+        / count
+}
+
+/// Encodes and decodes box regression targets, as torchvision's `det_utils.BoxCoder`.
+#[derive(Debug, Clone, Copy)]
+pub struct BoxCoder {
+    /// Weights `(wx, wy, ww, wh)` dividing the regression deltas.
+    pub weights: [f64; 4],
+    /// Upper clamp on `dw`/`dh` before `exp`, so huge deltas cannot overflow.
+    pub bbox_xform_clip: f64,
+}
+
+impl BoxCoder {
+    /// A coder with torchvision's default clamp, `log(1000 / 16)`.
+    pub fn new(weights: [f64; 4]) -> Self {
+        Self {
+            weights,
+            bbox_xform_clip: (1000.0f64 / 16.0).ln(),
+        }
+    }
+
+    /// Applies `rel_codes` `[K, 4 * C]` to reference `boxes` `[K, 4]`; returns `[K, C, 4]`.
+    pub fn decode(&self, rel_codes: &Tensor, boxes: &Tensor) -> Tensor {
+        let boxes = boxes.to_kind(rel_codes.kind());
+        let k = boxes.size()[0];
+        let widths = boxes.select(1, 2) - boxes.select(1, 0);
+        let heights = boxes.select(1, 3) - boxes.select(1, 1);
+        let ctr_x = boxes.select(1, 0) + &widths * 0.5;
+        let ctr_y = boxes.select(1, 1) + &heights * 0.5;
+        let [wx, wy, ww, wh] = self.weights;
+        let codes = rel_codes.view([k, -1, 4]);
+        let dx = codes.select(2, 0) / wx;
+        let dy = codes.select(2, 1) / wy;
+        let dw = (codes.select(2, 2) / ww).clamp_max(self.bbox_xform_clip);
+        let dh = (codes.select(2, 3) / wh).clamp_max(self.bbox_xform_clip);
+        let widths = widths.unsqueeze(1);
+        let heights = heights.unsqueeze(1);
+        let pred_ctr_x = dx * &widths + ctr_x.unsqueeze(1);
+        let pred_ctr_y = dy * &heights + ctr_y.unsqueeze(1);
+        let pred_w = dw.exp() * widths;
+        let pred_h = dh.exp() * heights;
+        let half_w = pred_w * 0.5;
+        let half_h = pred_h * 0.5;
+        Tensor::stack(
+            &[
+                &pred_ctr_x - &half_w,
+                &pred_ctr_y - &half_h,
+                pred_ctr_x + half_w,
+                pred_ctr_y + half_h,
+            ],
+            2,
+        )
+    }
+
+    /// Regression targets `[K, 4]` that turn `proposals` into `reference_boxes`
+    /// (torchvision's `encode_single`).
+    pub fn encode(&self, reference_boxes: &Tensor, proposals: &Tensor) -> Tensor {
+        let [wx, wy, ww, wh] = self.weights;
+        let p = proposals;
+        let r = reference_boxes;
+        let ex_w = p.select(1, 2) - p.select(1, 0);
+        let ex_h = p.select(1, 3) - p.select(1, 1);
+        let ex_x = p.select(1, 0) + &ex_w * 0.5;
+        let ex_y = p.select(1, 1) + &ex_h * 0.5;
+        let gt_w = r.select(1, 2) - r.select(1, 0);
+        let gt_h = r.select(1, 3) - r.select(1, 1);
+        let gt_x = r.select(1, 0) + &gt_w * 0.5;
+        let gt_y = r.select(1, 1) + &gt_h * 0.5;
+        let dx = (gt_x - ex_x) * wx / &ex_w;
+        let dy = (gt_y - ex_y) * wy / &ex_h;
+        let dw = (gt_w / ex_w).log() * ww;
+        let dh = (gt_h / ex_h).log() * wh;
+        Tensor::stack(&[dx, dy, dw, dh], 1)
+    }
+}
