@@ -23,6 +23,8 @@ pub enum Command {
     Info,
     /// Detect objects in image files; prints one JSON record per image.
     Detect(DetectArgs),
+    /// Get model weights: download known checkpoints, convert PyTorch checkpoints, list them.
+    Model(ModelArgs),
 }
 
 /// Arguments of `attrstream detect`.
@@ -55,4 +57,74 @@ pub struct DetectArgs {
     /// Write annotated PNGs (boxes and labels) into this folder.
     #[arg(long)]
     pub annotate: Option<PathBuf>,
+}
+
+/// Arguments of `attrstream model`.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// What to do with model weights.
+    #[command(subcommand)]
+    pub command: ModelCommand,
+}
+
+/// The subcommands of `attrstream model`.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Convert a PyTorch checkpoint (`torch.save`, .pth/.pt) or safetensors file into weights
+    /// `detect` can load; prints a JSON summary.
+    Import(ModelImportArgs),
+    /// Download a known checkpoint, check its sha256 and convert it into DIR/NAME.safetensors;
+    /// prints a JSON summary.
+    Fetch(ModelFetchArgs),
+    /// List the known checkpoints and the weights present in the model folder.
+    List(ModelListArgs),
+}
+
+/// Arguments of `attrstream model import`.
+#[derive(Debug, Args)]
+pub struct ModelImportArgs {
+    /// The checkpoint: a `torch.save` file (state dict, or a dict holding it under `model` or
+    /// `state_dict`) or a safetensors file.
+    pub file: PathBuf,
+    /// Weights file to write [default: models/<FILE stem>.safetensors, without a torch.hub
+    /// hash suffix].
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Label names, index 0 = background: one per line, or a JSON list [default: COCO's].
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Do not load the converted weights into Faster R-CNN to check keys and shapes.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// Arguments of `attrstream model fetch`.
+#[derive(Debug, Args)]
+pub struct ModelFetchArgs {
+    /// A known checkpoint (see `attrstream model list`), or any name together with --url.
+    pub name: String,
+    /// Folder of the weights file.
+    #[arg(long, default_value = crate::detection::DEFAULT_MODEL_DIR)]
+    pub dir: PathBuf,
+    /// Download from this URL instead (e.g. a mirror).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The checkpoint's full sha256 (64 hex digits), checked instead of the torch.hub prefix
+    /// in the file name.
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// Download and convert again even if the weights are already there.
+    #[arg(long)]
+    pub force: bool,
+    /// Do not load the converted weights into Faster R-CNN to check keys and shapes.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// Arguments of `attrstream model list`.
+#[derive(Debug, Args)]
+pub struct ModelListArgs {
+    /// Folder to look for weights in.
+    #[arg(long, default_value = crate::detection::DEFAULT_MODEL_DIR)]
+    pub dir: PathBuf,
 }

@@ -2,6 +2,7 @@
 
 mod detect;
 mod info;
+mod model;
 
 use std::process::ExitCode;
 
@@ -17,5 +18,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Info => info::run(),
         Command::Detect(args) => detect::run(args),
+        Command::Model(args) => model::run(args),
     }
 }

@@ -296,6 +296,7 @@ fn to_bytes(t: &Tensor) -> Result<TensorBytes, String> {
         Kind::BFloat16 => safetensors::Dtype::BF16,
         Kind::Int64 => safetensors::Dtype::I64,
         Kind::Int => safetensors::Dtype::I32,
+        Kind::Int16 => safetensors::Dtype::I16,
         Kind::Uint8 => safetensors::Dtype::U8,
         Kind::Int8 => safetensors::Dtype::I8,
         Kind::Bool => safetensors::Dtype::BOOL,
