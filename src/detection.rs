@@ -88,6 +88,9 @@ impl Detector {
         }
         let labels = meta.labels.clone().unwrap_or_else(coco_labels);
         cfg.num_classes = labels.len() as i64;
+        if let Some(config) = &meta.config {
+            cfg.apply_weights_config(config);
+        }
         cfg.validate().map_err(anyhow::Error::msg)?;
         let mut vs = VarStore::new(device);
         let mut model = FasterRcnn::new(&vs.root(), cfg);

@@ -159,8 +159,14 @@ fn batched_nms_per_class(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou: f6
 /// * `aligned = false` is torchvision's default (and Faster R-CNN's): no half-pixel shift,
 ///   and RoIs are at least one feature pixel wide.
 ///
-/// Returns `[K, C, output_h, output_w]`. Samples are gathered from a channels-last copy of
-/// the features in chunks of RoIs, so memory stays bounded for thousands of RoIs.
+/// Returns `[K, C, output_h, output_w]`.
+///
+/// How: RoIs are grouped by image and by sample-grid size. For each group, libtorch's
+/// vectorized `grid_sampler_2d` (bilinear, border padding, parallel over RoIs) takes the
+/// samples from the image's feature map, expanded without a copy to one view per RoI;
+/// samples torchvision treats as outside the map (beyond one pixel) are zeroed; an average
+/// pool reduces each bin's samples. This is exact torchvision semantics: border padding is
+/// torchvision's clamp of coordinates in `[-1, 0]` and `[size - 1, size]`.
 pub fn roi_align(
     input: &Tensor,
     rois: &Tensor,
@@ -169,18 +175,15 @@ pub fn roi_align(
     sampling_ratio: i64,
     aligned: bool,
 ) -> Tensor {
-    let (n, c, height, width) = input.size4().unwrap_or((0, 0, 0, 0));
+    let (_, c, height, width) = input.size4().unwrap_or((0, 0, 0, 0));
     let k = rois.size()[0];
     let device = input.device();
     let kind = input.kind();
     if k == 0 {
         return Tensor::zeros([0, c, pooled_h, pooled_w], (kind, device));
     }
-    // Channels-last rows: one row of C values per (batch, y, x).
-    let table = input.permute([0, 2, 3, 1]).contiguous().view([n * height * width, c]);
     let rois = rois.to_kind(kind);
     let offset = if aligned { 0.5 } else { 0.0 };
-    let batch = rois.select(1, 0).to_kind(Kind::Int64);
     let start_w = rois.select(1, 1) * spatial_scale - offset;
     let start_h = rois.select(1, 2) * spatial_scale - offset;
     let end_w = rois.select(1, 3) * spatial_scale - offset;
@@ -191,73 +194,58 @@ pub fn roi_align(
         roi_w = roi_w.clamp_min(1.0);
         roi_h = roi_h.clamp_min(1.0);
     }
-    let bin_w = &roi_w / pooled_w as f64;
-    let bin_h = &roi_h / pooled_h as f64;
+    let geometry = RoiGeometry {
+        start_h,
+        start_w,
+        bin_h: &roi_h / pooled_h as f64,
+        bin_w: &roi_w / pooled_w as f64,
+    };
 
-    // Sample grid size per RoI: fixed, or adaptive (then grouped by grid size).
-    let (grid_h, grid_w): (Vec<i64>, Vec<i64>) = if sampling_ratio > 0 {
+    // Group RoIs by (image, grid_h, grid_w).
+    let to_vec = |t: Tensor| Vec::<i64>::try_from(&t.to_device(Device::Cpu)).unwrap_or_default();
+    let batch = to_vec(rois.select(1, 0).to_kind(Kind::Int64));
+    let (grid_h, grid_w) = if sampling_ratio > 0 {
         (vec![sampling_ratio; k as usize], vec![sampling_ratio; k as usize])
     } else {
-        let gh = (&roi_h / pooled_h as f64).ceil().to_kind(Kind::Int64);
-        let gw = (&roi_w / pooled_w as f64).ceil().to_kind(Kind::Int64);
         (
-            Vec::<i64>::try_from(&gh.to_device(Device::Cpu)).unwrap_or_default(),
-            Vec::<i64>::try_from(&gw.to_device(Device::Cpu)).unwrap_or_default(),
+            to_vec((&roi_h / pooled_h as f64).ceil().to_kind(Kind::Int64)),
+            to_vec((&roi_w / pooled_w as f64).ceil().to_kind(Kind::Int64)),
         )
     };
-    let mut groups: std::collections::BTreeMap<(i64, i64), Vec<i64>> = Default::default();
+    let mut groups: std::collections::BTreeMap<(i64, i64, i64), Vec<i64>> = Default::default();
     for i in 0..k as usize {
-        groups.entry((grid_h[i], grid_w[i])).or_default().push(i as i64);
+        // An adaptive grid of zero samples (an empty, aligned RoI) pools to zero, as in
+        // torchvision: such RoIs keep the zeros they start with.
+        if grid_h[i] > 0 && grid_w[i] > 0 {
+            groups.entry((batch[i], grid_h[i], grid_w[i])).or_default().push(i as i64);
+        }
     }
     let output = Tensor::zeros([k, c, pooled_h, pooled_w], (kind, device));
-    let geometry = RoiGeometry {
-        batch: &batch,
-        start_h: &start_h,
-        start_w: &start_w,
-        bin_h: &bin_h,
-        bin_w: &bin_w,
-    };
-    for ((gh, gw), members) in groups {
-        // RoIs per chunk so that one chunk gathers about 2^22 feature values per corner.
-        let samples = (pooled_h * gh.max(1) * pooled_w * gw.max(1)).max(1);
-        let chunk = ((1i64 << 22) / (samples * c.max(1))).max(1) as usize;
+    for ((image, gh, gw), members) in groups {
+        // Bound the sampled tensor to about 2^24 values per chunk.
+        let per_roi = (pooled_h * gh * pooled_w * gw * c).max(1);
+        let chunk = ((1i64 << 24) / per_roi).max(1) as usize;
         for part in members.chunks(chunk) {
             let index = Tensor::from_slice(part).to_device(device);
-            let pooled = roi_align_group(
-                &table,
-                &geometry.select(&index),
-                (height, width),
-                (pooled_h, pooled_w),
-                (gh, gw),
-            );
+            let g = geometry.select(&index);
+            let pooled = sample_and_pool(&input.get(image), &g, (height, width), (pooled_h, pooled_w), (gh, gw));
             let _ = output.shallow_clone().index_copy_(0, &index, &pooled);
         }
     }
     output
 }
 
-/// Per-RoI geometry shared by every sample of that RoI.
-struct RoiGeometry<'a> {
-    batch: &'a Tensor,
-    start_h: &'a Tensor,
-    start_w: &'a Tensor,
-    bin_h: &'a Tensor,
-    bin_w: &'a Tensor,
-}
-
-/// The same geometry, owned, for a subset of RoIs.
-struct RoiGeometryOwned {
-    batch: Tensor,
+/// Per-RoI bin geometry in feature coordinates, `[K]` each.
+struct RoiGeometry {
     start_h: Tensor,
     start_w: Tensor,
     bin_h: Tensor,
     bin_w: Tensor,
 }
 
-impl RoiGeometry<'_> {
-    fn select(&self, index: &Tensor) -> RoiGeometryOwned {
-        RoiGeometryOwned {
-            batch: self.batch.index_select(0, index),
+impl RoiGeometry {
+    fn select(&self, index: &Tensor) -> RoiGeometry {
+        RoiGeometry {
             start_h: self.start_h.index_select(0, index),
             start_w: self.start_w.index_select(0, index),
             bin_h: self.bin_h.index_select(0, index),
@@ -274,65 +262,44 @@ fn sample_positions(start: &Tensor, bin: &Tensor, pooled: i64, grid: i64) -> Ten
     let p = Tensor::arange(pooled, (kind, device))
         .repeat_interleave_self_int(grid, 0, None)
         .unsqueeze(0);
-    let i = (Tensor::arange(grid, (kind, device)) + 0.5)
-        .repeat([pooled])
-        .unsqueeze(0);
+    let i = (Tensor::arange(grid, (kind, device)) + 0.5).repeat([pooled]).unsqueeze(0);
     let bin = bin.unsqueeze(1);
     start.unsqueeze(1) + &p * &bin + (&i * &bin) / grid as f64
 }
 
-/// Bilinear corner indices and weights along one axis, as torchvision's
-/// `bilinear_interpolate`: positions outside `[-1, size]` contribute zero; others are
-/// clamped into the map.
-fn axis_weights(pos: &Tensor, size: i64) -> (Tensor, Tensor, Tensor, Tensor) {
-    let valid = pos.ge(-1.0).logical_and(&pos.le(size as f64));
-    let p = pos.clamp_min(0.0);
-    let low = p.floor().to_kind(Kind::Int64);
-    let at_edge = low.ge(size - 1);
-    let low = low.clamp_max(size - 1);
-    let high = (&low + 1).clamp_max(size - 1);
-    let p = p.where_self(&at_edge.logical_not(), &low.to_kind(pos.kind()));
-    let l = &p - low.to_kind(pos.kind());
-    let h = 1.0 - &l;
-    let valid = valid.to_kind(pos.kind());
-    (low, high, h * &valid, l * valid)
-}
-
-/// RoIAlign for RoIs that share one sample-grid size.
-fn roi_align_group(
-    table: &Tensor,
-    g: &RoiGeometryOwned,
+/// Samples one image's `[C, H, W]` features at every RoI's bilinear sample points and
+/// averages each bin: `[K, C, pooled_h, pooled_w]`.
+fn sample_and_pool(
+    feature: &Tensor,
+    g: &RoiGeometry,
     (height, width): (i64, i64),
     (pooled_h, pooled_w): (i64, i64),
     (grid_h, grid_w): (i64, i64),
 ) -> Tensor {
-    let k = g.batch.size()[0];
-    let c = table.size()[1];
+    let k = g.start_h.size()[0];
+    let c = feature.size()[0];
     let ys = sample_positions(&g.start_h, &g.bin_h, pooled_h, grid_h); // [K, SY]
     let xs = sample_positions(&g.start_w, &g.bin_w, pooled_w, grid_w); // [K, SX]
-    // A sample is valid only if both coordinates are in range; torchvision zeroes all four
-    // weights otherwise, which the product of the per-axis validity does.
-    let (y_low, y_high, hy, ly) = axis_weights(&ys, height);
-    let (x_low, x_high, hx, lx) = axis_weights(&xs, width);
-    let sy = ys.size()[1];
-    let sx = xs.size()[1];
-    let base = (&g.batch * (height * width)).view([k, 1, 1]);
-    let gather = |yi: &Tensor, xi: &Tensor| -> Tensor {
-        let idx = &base + (yi * width).view([k, sy, 1]) + xi.view([k, 1, sx]);
-        table.index_select(0, &idx.view(-1)).view([k, sy, sx, c])
+    let (sy, sx) = (ys.size()[1], xs.size()[1]);
+    // torchvision: a sample more than one pixel outside the map contributes zero.
+    let inside = |v: &Tensor, size: i64| v.ge(-1.0).logical_and(&v.le(size as f64)).to_kind(v.kind());
+    let mask = inside(&ys, height).view([k, 1, sy, 1]) * inside(&xs, width).view([k, 1, 1, sx]);
+    // grid_sampler_2d with align_corners maps -1..1 to pixel centres 0..size-1. A map one
+    // pixel wide or high has nothing to interpolate along that axis: any value maps to it.
+    let normalize = |v: &Tensor, size: i64| {
+        if size > 1 {
+            v * (2.0 / (size - 1) as f64) - 1.0
+        } else {
+            v.zeros_like()
+        }
     };
-    let w = |a: &Tensor, b: &Tensor| (a.view([k, sy, 1]) * b.view([k, 1, sx])).unsqueeze(-1);
-    let value = w(&hy, &hx) * gather(&y_low, &x_low)
-        + w(&hy, &lx) * gather(&y_low, &x_high)
-        + w(&ly, &hx) * gather(&y_high, &x_low)
-        + w(&ly, &lx) * gather(&y_high, &x_high);
-    // Average the grid_h x grid_w samples of each bin.
-    let count = (grid_h * grid_w).max(1) as f64;
-    value
-        .view([k, pooled_h, grid_h, pooled_w, grid_w, c])
-        .sum_dim_intlist([2i64, 4].as_slice(), false, table.kind())
-        .permute([0, 3, 1, 2])
-        / count
+    let gy = normalize(&ys, height).view([k, sy, 1]).expand([k, sy, sx], false);
+    let gx = normalize(&xs, width).view([k, 1, sx]).expand([k, sy, sx], false);
+    let grid = Tensor::stack(&[gx, gy], 3);
+    let input = feature.unsqueeze(0).expand([k, c, height, width], false);
+    // interpolation 0 = bilinear, padding 1 = border.
+    let samples = input.grid_sampler_2d(&grid, 0, 1, true) * mask;
+    samples.avg_pool2d([grid_h, grid_w], [grid_h, grid_w], [0, 0], false, true, None::<i64>)
 }
 
 /// Encodes and decodes box regression targets, as torchvision's `det_utils.BoxCoder`.

@@ -6,9 +6,6 @@
 
 use tch::{nn, Tensor};
 
-/// Epsilon of torchvision's `FrozenBatchNorm2d`.
-const FROZEN_BN_EPS: f64 = 1e-5;
-
 /// Batch norm with fixed statistics and affine parameters (torchvision `FrozenBatchNorm2d`).
 ///
 /// Its four tensors are never trained: fine-tuning Faster R-CNN keeps them frozen, as
@@ -19,12 +16,15 @@ pub struct FrozenBatchNorm2d {
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
+    /// Added to the variance: 1e-5 in torchvision, 0 for its COCO_V1 checkpoint.
+    eps: f64,
 }
 
 impl FrozenBatchNorm2d {
     /// Creates the four buffers under `p` (`weight`, `bias`, `running_mean`, `running_var`).
-    pub fn new(p: nn::Path, channels: i64) -> Self {
+    pub fn new(p: nn::Path, channels: i64, eps: f64) -> Self {
         Self {
+            eps,
             weight: p.ones_no_train("weight", &[channels]),
             bias: p.zeros_no_train("bias", &[channels]),
             running_mean: p.zeros_no_train("running_mean", &[channels]),
@@ -34,7 +34,7 @@ impl FrozenBatchNorm2d {
 
     /// Per-channel `(scale, shift)` so that `bn(x) = x * scale + shift`.
     fn scale_shift(&self) -> (Tensor, Tensor) {
-        let scale = &self.weight * (&self.running_var + FROZEN_BN_EPS).rsqrt();
+        let scale = &self.weight * (&self.running_var + self.eps).rsqrt();
         let shift = &self.bias - &self.running_mean * &scale;
         (scale, shift)
     }
@@ -58,11 +58,12 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    fn new(conv_path: nn::Path, bn_path: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(conv_path: nn::Path, bn_path: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, eps: f64) -> Self {
         let cfg = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
         Self {
             conv: nn::conv2d(conv_path, cin, cout, k, cfg),
-            bn: FrozenBatchNorm2d::new(bn_path, cout),
+            bn: FrozenBatchNorm2d::new(bn_path, cout, eps),
             stride,
             padding,
             fused: None,
@@ -95,14 +96,14 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
-    fn new(p: &nn::Path, inplanes: i64, planes: i64, stride: i64, downsample: bool) -> Self {
+    fn new(p: &nn::Path, inplanes: i64, planes: i64, stride: i64, downsample: bool, eps: f64) -> Self {
         let out = planes * 4;
         Self {
-            conv_bn1: ConvBn::new(p / "conv1", p / "bn1", inplanes, planes, 1, 1, 0),
-            conv_bn2: ConvBn::new(p / "conv2", p / "bn2", planes, planes, 3, stride, 1),
-            conv_bn3: ConvBn::new(p / "conv3", p / "bn3", planes, out, 1, 1, 0),
+            conv_bn1: ConvBn::new(p / "conv1", p / "bn1", inplanes, planes, 1, 1, 0, eps),
+            conv_bn2: ConvBn::new(p / "conv2", p / "bn2", planes, planes, 3, stride, 1, eps),
+            conv_bn3: ConvBn::new(p / "conv3", p / "bn3", planes, out, 1, 1, 0, eps),
             downsample: downsample
-                .then(|| ConvBn::new(p / "downsample" / "0", p / "downsample" / "1", inplanes, out, 1, stride, 0)),
+                .then(|| ConvBn::new(p / "downsample" / "0", p / "downsample" / "1", inplanes, out, 1, stride, 0, eps)),
         }
     }
 
@@ -136,8 +137,9 @@ pub const RESNET50_STAGE_CHANNELS: [i64; 4] = [256, 512, 1024, 2048];
 
 impl ResNetBody {
     /// Creates ResNet-50 (blocks 3, 4, 6, 3) under `p` (torchvision `backbone.body`).
-    pub fn resnet50(p: &nn::Path) -> Self {
-        let stem = ConvBn::new(p / "conv1", p / "bn1", 3, 64, 7, 2, 3);
+    /// `eps` is the frozen batch norm epsilon ([`super::FasterRcnnConfig::frozen_bn_eps`]).
+    pub fn resnet50(p: &nn::Path, eps: f64) -> Self {
+        let stem = ConvBn::new(p / "conv1", p / "bn1", 3, 64, 7, 2, 3, eps);
         let mut inplanes = 64;
         let mut layers = Vec::new();
         for (i, (&blocks, planes)) in [3i64, 4, 6, 3].iter().zip([64i64, 128, 256, 512]).enumerate() {
@@ -146,9 +148,9 @@ impl ResNetBody {
             let stage = (0..blocks)
                 .map(|b| {
                     let block = if b == 0 {
-                        Bottleneck::new(&(&lp / "0"), inplanes, planes, stride, true)
+                        Bottleneck::new(&(&lp / "0"), inplanes, planes, stride, true, eps)
                     } else {
-                        Bottleneck::new(&(&lp / b.to_string()), planes * 4, planes, 1, false)
+                        Bottleneck::new(&(&lp / b.to_string()), planes * 4, planes, 1, false, eps)
                     };
                     inplanes = planes * 4;
                     block

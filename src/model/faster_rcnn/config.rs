@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub struct FasterRcnnConfig {
     /// Number of classes including background (91 for COCO, with "N/A" gaps).
     pub num_classes: i64,
+    /// Epsilon of the frozen batch norm: torchvision's default 1e-5, but its COCO_V1
+    /// checkpoint was trained with 0 (torchvision calls `overwrite_eps(model, 0.0)`).
+    /// Weights files carry the right value in their metadata.
+    pub frozen_bn_eps: f64,
     /// Shorter image side after resizing (torchvision `min_size`).
     pub min_size: i64,
     /// Upper bound of the longer image side after resizing (torchvision `max_size`).
@@ -61,6 +65,7 @@ impl Default for FasterRcnnConfig {
     fn default() -> Self {
         Self {
             num_classes: 91,
+            frozen_bn_eps: 1e-5,
             min_size: 800,
             max_size: 1333,
             image_mean: [0.485, 0.456, 0.406],
@@ -88,6 +93,17 @@ impl Default for FasterRcnnConfig {
 }
 
 impl FasterRcnnConfig {
+    /// Takes the fields that define the trained network (class count, batch-norm epsilon)
+    /// from the `config` metadata of a weights file; inference knobs stay as they are.
+    pub fn apply_weights_config(&mut self, config: &serde_json::Value) {
+        if let Some(n) = config.get("num_classes").and_then(|v| v.as_i64()) {
+            self.num_classes = n;
+        }
+        if let Some(eps) = config.get("frozen_bn_eps").and_then(|v| v.as_f64()) {
+            self.frozen_bn_eps = eps;
+        }
+    }
+
     /// Checks that the values make sense; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(bool, &str); 9] = [

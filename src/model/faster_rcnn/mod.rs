@@ -68,7 +68,7 @@ impl FasterRcnn {
         let num_anchors = anchor_generator.num_anchors_per_location();
         Self {
             transform: Transform::new(&cfg),
-            body: ResNetBody::resnet50(&(&backbone / "body")),
+            body: ResNetBody::resnet50(&(&backbone / "body"), cfg.frozen_bn_eps),
             fpn: Fpn::new(&(&backbone / "fpn"), &RESNET50_STAGE_CHANNELS),
             rpn: RegionProposalNetwork {
                 head: RpnHead::new(&(root / "rpn" / "head"), FPN_CHANNELS, num_anchors),
@@ -89,7 +89,11 @@ impl FasterRcnn {
     /// RPN top-n, image sizes) without touching the weights.
     pub fn set_inference_options(&mut self, cfg: FasterRcnnConfig) {
         self.transform = Transform::new(&cfg);
-        self.cfg = FasterRcnnConfig { num_classes: self.cfg.num_classes, ..cfg };
+        self.cfg = FasterRcnnConfig {
+            num_classes: self.cfg.num_classes,
+            frozen_bn_eps: self.cfg.frozen_bn_eps,
+            ..cfg
+        };
     }
 
     /// Folds frozen batch norm into convolutions. Call after loading weights, before
