@@ -87,7 +87,7 @@ fn measure(weights_file: &Path, min_size: i64, batch: usize, rounds: usize, imag
     let mut model = FasterRcnn::new(&vs.root(), cfg);
     weights::load_into(&mut vs, weights_file, &LoadPolicy::default()).expect("load weights");
     if fuse {
-        model.fuse_for_inference();
+        model.optimize_for_inference();
     }
     let batches: Vec<&[Tensor]> = images.chunks(batch).collect();
     model.detect(batches[0]);

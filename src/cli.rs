@@ -96,6 +96,11 @@ pub struct ModelImportArgs {
     /// Do not load the converted weights into Faster R-CNN to check keys and shapes.
     #[arg(long)]
     pub no_verify: bool,
+    /// Frozen batch-norm epsilon the checkpoint was trained with [default: 0 for torchvision's
+    /// official COCO_V1 file, else 1e-5]. Models fine-tuned in Python from torchvision's COCO
+    /// weights keep its epsilon of 0: pass `--frozen-bn-eps 0` for them.
+    #[arg(long)]
+    pub frozen_bn_eps: Option<f64>,
 }
 
 /// Arguments of `attrstream model fetch`.

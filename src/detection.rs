@@ -95,7 +95,7 @@ impl Detector {
         let mut vs = VarStore::new(device);
         let mut model = FasterRcnn::new(&vs.root(), cfg);
         weights::load_into(&mut vs, path, &LoadPolicy::default())?;
-        model.fuse_for_inference();
+        model.optimize_for_inference();
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self { model, _vs: vs, labels, name, device })
     }

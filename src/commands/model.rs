@@ -33,6 +33,7 @@ fn run_import(args: ModelImportArgs) -> Result<ExitCode> {
         .map(import::read_labels)
         .transpose()?;
     options.verify = !args.no_verify;
+    options.frozen_bn_eps = args.frozen_bn_eps;
     let report = import::import_checkpoint(&args.file, &options)?;
     tracing::info!(output = %report.output.display(), tensors = report.tensors, "imported");
     println!("{}", serde_json::to_string(&report)?);

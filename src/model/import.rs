@@ -94,7 +94,14 @@ pub struct ImportOptions {
     pub source_sha256: Option<String>,
     /// Load the result into the model before putting it in place.
     pub verify: bool,
+    /// Frozen batch-norm epsilon the weights were trained with. `None`: 0 for torchvision's
+    /// official COCO_V1 checkpoint (torchvision runs it with `overwrite_eps(model, 0.0)`),
+    /// else the input's own metadata or the default 1e-5.
+    pub frozen_bn_eps: Option<f64>,
 }
+
+/// sha256 prefix of torchvision's COCO_V1 Faster R-CNN file (`...coco-258fb6c6.pth`).
+pub const COCO_V1_SHA256_PREFIX: &str = "258fb6c6";
 
 impl ImportOptions {
     /// Defaults: Faster R-CNN ResNet-50 FPN, input labels or COCO, verified.
@@ -106,6 +113,7 @@ impl ImportOptions {
             source: None,
             source_sha256: None,
             verify: true,
+            frozen_bn_eps: None,
         }
     }
 }
@@ -209,6 +217,21 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// The `config` metadata: the input's, with the frozen batch-norm epsilon settled.
+fn model_config(input: Option<serde_json::Value>, options: &ImportOptions, sha256: &str) -> Option<serde_json::Value> {
+    let eps = options
+        .frozen_bn_eps
+        .or_else(|| sha256.starts_with(COCO_V1_SHA256_PREFIX).then_some(0.0));
+    match (input, eps) {
+        (config, None) => config,
+        (Some(serde_json::Value::Object(mut map)), Some(eps)) => {
+            map.insert("frozen_bn_eps".to_string(), eps.into());
+            Some(serde_json::Value::Object(map))
+        }
+        (_, Some(eps)) => Some(serde_json::json!({ "frozen_bn_eps": eps })),
+    }
+}
+
 /// Converts `input` (PyTorch checkpoint or safetensors) into an attrstream weights file.
 ///
 /// The file is written into a temporary folder next to `options.output`, verified (unless
@@ -254,7 +277,7 @@ pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<Import
         labels: Some(labels.clone()),
         source: Some(source),
         source_sha256: Some(source_sha256.clone()),
-        config: input_meta.and_then(|m| m.config),
+        config: model_config(input_meta.and_then(|m| m.config), options, &source_sha256),
     };
 
     let output = &options.output;
@@ -360,6 +383,21 @@ fn check_class_count(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn official_coco_checkpoint_gets_epsilon_zero_and_others_keep_theirs() {
+        let mut options = ImportOptions::new("x.safetensors");
+        let coco = format!("{COCO_V1_SHA256_PREFIX}{}", "0".repeat(56));
+        assert_eq!(model_config(None, &options, &coco), Some(serde_json::json!({"frozen_bn_eps": 0.0})));
+        assert_eq!(model_config(None, &options, &"a".repeat(64)), None);
+        let own = serde_json::json!({"num_classes": 5});
+        assert_eq!(model_config(Some(own.clone()), &options, &"a".repeat(64)), Some(own));
+        options.frozen_bn_eps = Some(1e-3);
+        assert_eq!(
+            model_config(Some(serde_json::json!({"num_classes": 5})), &options, &coco),
+            Some(serde_json::json!({"num_classes": 5, "frozen_bn_eps": 1e-3}))
+        );
+    }
+
     use super::*;
 
     #[test]

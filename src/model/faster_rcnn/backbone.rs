@@ -4,7 +4,16 @@
 //! Variable paths equal torchvision's state-dict keys under `backbone.body`. Frozen batch
 //! norm can be folded into the preceding convolution for inference ([`ResNetBody::fuse`]).
 
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
+
+/// The same values in channels-last (NHWC) memory order, still shaped `[N, C, H, W]`.
+///
+/// libtorch's oneDNN convolutions run faster on channels-last tensors (no layout reorder
+/// per layer), and their outputs stay channels-last, so converting the input and the
+/// weights once makes the whole network channels-last.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
 
 /// Batch norm with fixed statistics and affine parameters (torchvision `FrozenBatchNorm2d`).
 ///
@@ -70,12 +79,14 @@ impl ConvBn {
         }
     }
 
-    /// Folds the frozen batch norm into the convolution (inference only).
+    /// Folds the frozen batch norm into the convolution (inference only). The folded
+    /// weight is computed in double precision, rounded once, and stored channels-last.
     fn fuse(&mut self) {
         let _guard = tch::no_grad_guard();
         let (scale, shift) = self.bn.scale_shift();
-        let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
-        self.fused = Some((weight, shift));
+        let weight = (self.conv.ws.to_kind(Kind::Double) * scale.to_kind(Kind::Double).view([-1, 1, 1, 1]))
+            .to_kind(self.conv.ws.kind());
+        self.fused = Some((to_channels_last(&weight), shift));
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -175,7 +186,8 @@ impl ResNetBody {
         outputs
     }
 
-    /// Folds every frozen batch norm into its convolution, for faster inference.
+    /// Folds every frozen batch norm into its convolution (channels-last weights), for
+    /// faster inference.
     pub fn fuse(&mut self) {
         self.stem.fuse();
         for block in self.layers.iter_mut().flatten() {

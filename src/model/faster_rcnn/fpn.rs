@@ -31,6 +31,13 @@ impl Fpn {
         Self { inner_blocks, layer_blocks }
     }
 
+    /// Stores the convolution weights channels-last (see [`super::backbone::to_channels_last`]).
+    pub fn weights_to_channels_last(&mut self) {
+        for conv in self.inner_blocks.iter_mut().chain(self.layer_blocks.iter_mut()) {
+            conv.ws = super::backbone::to_channels_last(&conv.ws);
+        }
+    }
+
     /// Maps backbone stages (fine to coarse) to FPN levels "0".."3" plus "pool".
     pub fn forward(&self, features: &[Tensor]) -> Vec<Tensor> {
         let last = features.len() - 1;

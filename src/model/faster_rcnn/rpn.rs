@@ -29,6 +29,13 @@ impl RpnHead {
         }
     }
 
+    /// Stores the convolution weights channels-last (see [`super::backbone::to_channels_last`]).
+    pub fn weights_to_channels_last(&mut self) {
+        for conv in [&mut self.conv, &mut self.cls_logits, &mut self.bbox_pred] {
+            conv.ws = super::backbone::to_channels_last(&conv.ws);
+        }
+    }
+
     /// Returns per-level objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]`.
     pub fn forward(&self, features: &[Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
         features
