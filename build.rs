@@ -21,13 +21,18 @@ fn main() {
 
 /// Reads `TORCH_VERSION_{MAJOR,MINOR,PATCH}` from libtorch's headers next to `lib/`.
 fn libtorch_version(lib: &str) -> String {
-    let root = std::path::Path::new(lib).parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let root = std::path::Path::new(lib)
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
     let candidates = [
         root.join("include/torch/headeronly/version.h"),
         root.join("include/torch/csrc/api/include/torch/version.h"),
     ];
     for path in candidates {
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
         let part = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(&format!("#define TORCH_VERSION_{name} ")))

@@ -3,8 +3,10 @@
 //!
 //! Run: `scripts/bench-detector` (or `cargo bench --bench detector`). Environment:
 //! `BENCH_THREADS` (default 2), `BENCH_ROUNDS` (passes over the images, default 2).
-//! Prints imgs/s of both and the ratio ours / torchvision for min_size 512 and 800, batch
-//! 1 and 4. Needs the reference Python environment (`scripts/setup --test`).
+//! Prints imgs/s of torchvision and of our two inference paths, `exact` (torchvision's
+//! operations in order) and `fast` (the default: folded batch norm, channels-last
+//! convolutions), with the ratios ours / torchvision, for min_size 512 and 800, batch 1
+//! and 4. Needs the reference Python environment (`scripts/setup --test`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,14 +31,20 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".venv/bin/python"));
     if !python.exists() {
-        eprintln!("reference Python {} not found: run `scripts/setup --test`", python.display());
+        eprintln!(
+            "reference Python {} not found: run `scripts/setup --test`",
+            python.display()
+        );
         std::process::exit(2);
     }
     let images: Vec<PathBuf> = SAMPLES.iter().map(|s| root.join("assets/samples").join(s)).collect();
     let dir = tempfile::tempdir().expect("temp dir");
     let weights_file = dir.path().join("weights.safetensors");
 
-    eprintln!("torchvision: {threads} threads, {rounds} rounds over {} images", images.len());
+    eprintln!(
+        "torchvision: {threads} threads, {rounds} rounds over {} images",
+        images.len()
+    );
     let out = Command::new(&python)
         .arg(root.join("benches/torchvision_detector.py"))
         .arg(&weights_file)
@@ -59,34 +67,42 @@ fn main() {
         .iter()
         .map(|p| {
             let bytes = std::fs::read(p).expect("read sample");
-            to_tensor(&decode_image(&bytes, DEFAULT_MAX_PIXELS).expect("decode sample"), Device::Cpu)
+            to_tensor(
+                &decode_image(&bytes, DEFAULT_MAX_PIXELS).expect("decode sample"),
+                Device::Cpu,
+            )
         })
         .collect();
     println!(
-        "{:<9} {:>5} {:>14} {:>14} {:>8} {:>18} {:>8}",
-        "min_size", "batch", "torchvision/s", "attrstream/s", "ratio", "attrstream-fused/s", "ratio"
+        "{:<9} {:>5} {:>14} {:>14} {:>8} {:>14} {:>8}",
+        "min_size", "batch", "torchvision/s", "exact/s", "ratio", "fast/s", "ratio"
     );
     for r in reference {
         let min_size = r["min_size"].as_i64().unwrap_or(800);
         let batch = r["batch"].as_u64().unwrap_or(1) as usize;
         let theirs = r["imgs_per_s"].as_f64().unwrap_or(f64::NAN);
         let exact = measure(&weights_file, min_size, batch, rounds, &tensors, false);
-        let fused = measure(&weights_file, min_size, batch, rounds, &tensors, true);
+        let fast = measure(&weights_file, min_size, batch, rounds, &tensors, true);
         println!(
-            "{min_size:<9} {batch:>5} {theirs:>14.3} {exact:>14.3} {:>8.3} {fused:>18.3} {:>8.3}",
+            "{min_size:<9} {batch:>5} {theirs:>14.3} {exact:>14.3} {:>8.3} {fast:>14.3} {:>8.3}",
             exact / theirs,
-            fused / theirs
+            fast / theirs
         );
     }
 }
 
 /// imgs/s of our detector for one setting (one warm-up batch, then `rounds` passes).
-fn measure(weights_file: &Path, min_size: i64, batch: usize, rounds: usize, images: &[Tensor], fuse: bool) -> f64 {
-    let cfg = FasterRcnnConfig { min_size, max_size: 1333, box_score_thresh: 0.05, ..Default::default() };
+fn measure(weights_file: &Path, min_size: i64, batch: usize, rounds: usize, images: &[Tensor], fast: bool) -> f64 {
+    let cfg = FasterRcnnConfig {
+        min_size,
+        max_size: 1333,
+        box_score_thresh: 0.05,
+        ..Default::default()
+    };
     let mut vs = VarStore::new(Device::Cpu);
     let mut model = FasterRcnn::new(&vs.root(), cfg);
     weights::load_into(&mut vs, weights_file, &LoadPolicy::default()).expect("load weights");
-    if fuse {
+    if fast {
         model.optimize_for_inference();
     }
     let batches: Vec<&[Tensor]> = images.chunks(batch).collect();

@@ -41,7 +41,14 @@ pub fn annotate(image: &RgbImage, detections: &[Detection]) -> RgbImage {
         let tag_h = glyph + 2 * scale;
         let tag_y = if y1 >= tag_h as i32 { y1 - tag_h as i32 } else { y1 };
         draw_filled_rect_mut(&mut out, Rect::at(x1, tag_y).of_size(tag_w, tag_h), colour);
-        draw_text(&mut out, x1 + scale as i32, tag_y + scale as i32, scale, &text, Rgb([255, 255, 255]));
+        draw_text(
+            &mut out,
+            x1 + scale as i32,
+            tag_y + scale as i32,
+            scale,
+            &text,
+            Rgb([255, 255, 255]),
+        );
     }
     out
 }

@@ -59,7 +59,10 @@ pub struct Detector {
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detector").field("name", &self.name).field("device", &self.device).finish()
+        f.debug_struct("Detector")
+            .field("name", &self.name)
+            .field("device", &self.device)
+            .finish()
     }
 }
 
@@ -71,8 +74,9 @@ pub fn default_weights_path() -> PathBuf {
 impl Detector {
     /// Loads weights written by `attrstream model import/fetch` (or any torchvision state dict
     /// saved as safetensors) onto `device`. `cfg` supplies inference knobs; the number of
-    /// classes comes from the weights' label map when it has one.
-    pub fn load(path: &Path, device: Device, mut cfg: FasterRcnnConfig) -> Result<Self> {
+    /// classes comes from the weights' label map when it has one. `exact` keeps
+    /// torchvision's order of operations (see [`FasterRcnn::optimize_for_inference`]).
+    pub fn load(path: &Path, device: Device, mut cfg: FasterRcnnConfig, exact: bool) -> Result<Self> {
         if !path.exists() {
             bail!(
                 "weights file {} not found: run `attrstream model fetch fasterrcnn_resnet50_fpn_coco` \
@@ -83,7 +87,10 @@ impl Detector {
         let meta = weights::read_metadata(path)?;
         if let Some(arch) = &meta.architecture {
             if arch != FASTERRCNN_RESNET50_FPN {
-                bail!("{} holds a `{arch}` model; this build runs {FASTERRCNN_RESNET50_FPN}", path.display());
+                bail!(
+                    "{} holds a `{arch}` model; this build runs {FASTERRCNN_RESNET50_FPN}",
+                    path.display()
+                );
             }
         }
         let labels = meta.labels.clone().unwrap_or_else(coco_labels);
@@ -95,15 +102,32 @@ impl Detector {
         let mut vs = VarStore::new(device);
         let mut model = FasterRcnn::new(&vs.root(), cfg);
         weights::load_into(&mut vs, path, &LoadPolicy::default())?;
-        model.optimize_for_inference();
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(Self { model, _vs: vs, labels, name, device })
+        if !exact {
+            model.optimize_for_inference();
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Self {
+            model,
+            _vs: vs,
+            labels,
+            name,
+            device,
+        })
     }
 
     /// A detector with freshly initialised (random) weights: for tests and benchmarks only.
     pub fn from_var_store(vs: VarStore, model: FasterRcnn, labels: Vec<String>, name: &str) -> Self {
         let device = vs.device();
-        Self { model, _vs: vs, labels, name: name.to_string(), device }
+        Self {
+            model,
+            _vs: vs,
+            labels,
+            name: name.to_string(),
+            device,
+        }
     }
 
     /// Model name shown to users (the weights file stem).
@@ -155,7 +179,11 @@ impl Detector {
                         }
                     })
                     .collect();
-                Ok(ImageDetections { width: w, height: h, detections })
+                Ok(ImageDetections {
+                    width: w,
+                    height: h,
+                    detections,
+                })
             })
             .collect()
     }

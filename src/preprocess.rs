@@ -66,7 +66,12 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErro
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
-        return Err(ImageError::TooLarge { width, height, pixels, limit: max_pixels });
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            pixels,
+            limit: max_pixels,
+        });
     }
     if pixels == 0 {
         return Err(ImageError::Corrupt(format!("image declares {width}x{height} pixels")));

@@ -27,7 +27,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -58,7 +62,15 @@ fn detect_reports_every_file_and_survives_bad_ones() {
     let annotate = dir.path().join("annotated");
 
     let output = Command::new(env!("CARGO_BIN_EXE_attrstream"))
-        .args(["detect", "--device", "cpu", "--min-size", "320", "--score-threshold", "0.3"])
+        .args([
+            "detect",
+            "--device",
+            "cpu",
+            "--min-size",
+            "320",
+            "--score-threshold",
+            "0.3",
+        ])
         .arg("--weights")
         .arg(&weights)
         .arg("--annotate")
@@ -72,7 +84,10 @@ fn detect_reports_every_file_and_survives_bad_ones() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "exit code; stderr:\n{stderr}");
 
-    let records: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     assert_eq!(records.len(), 8, "one record per input:\n{stdout}");
     let record = |p: &Path| {
         records
@@ -88,9 +103,22 @@ fn detect_reports_every_file_and_survives_bad_ones() {
         let detections = r["detections"].as_array().unwrap();
         assert!(!detections.is_empty(), "{good}: the seeded model detects something");
         for d in detections {
-            let px: Vec<f64> = d["box_px"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            let norm: Vec<f64> = d["box_norm"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            assert!(px[0] <= px[2] && px[1] <= px[3] && px[2] <= w && px[3] <= h, "{good}: box {px:?}");
+            let px: Vec<f64> = d["box_px"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let norm: Vec<f64> = d["box_norm"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert!(
+                px[0] <= px[2] && px[1] <= px[3] && px[2] <= w && px[3] <= h,
+                "{good}: box {px:?}"
+            );
             assert!((norm[0] - px[0] / w).abs() < 1e-6 && (norm[3] - px[3] / h).abs() < 1e-6);
             assert!(d["score"].as_f64().unwrap() >= 0.3);
             assert!(d["label"].as_str().is_some_and(|l| !l.is_empty()));
@@ -101,7 +129,9 @@ fn detect_reports_every_file_and_survives_bad_ones() {
     }
     let expect_error = |p: &Path, needle: &str| {
         let r = record(p);
-        let e = r["error"].as_str().unwrap_or_else(|| panic!("{}: expected an error, got {r}", p.display()));
+        let e = r["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: expected an error, got {r}", p.display()));
         assert!(e.contains(needle), "{}: error `{e}` lacks `{needle}`", p.display());
     };
     expect_error(&empty, "empty");
@@ -122,5 +152,8 @@ fn detect_without_weights_says_how_to_get_them() {
         .expect("run attrstream detect");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("model fetch") && stderr.contains("model import"), "{stderr}");
+    assert!(
+        stderr.contains("model fetch") && stderr.contains("model import"),
+        "{stderr}"
+    );
 }

@@ -38,8 +38,16 @@ fn checkpoint() -> &'static [u8] {
         );
         let dir = tempfile::tempdir().expect("temporary folder");
         let path = dir.path().join("tiny.pth");
-        let out = Command::new(python).args(["-c", GENERATOR]).arg(&path).output().expect("run python");
-        assert!(out.status.success(), "generator failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(python)
+            .args(["-c", GENERATOR])
+            .arg(&path)
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "generator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::read(&path).expect("read checkpoint")
     })
 }
@@ -116,13 +124,7 @@ fn read_request(stream: &TcpStream) -> Option<Option<String>> {
 }
 
 /// Writes a response head and `body`, then closes the connection.
-fn respond(
-    mut exchange: Exchange,
-    status: &str,
-    extra_headers: &str,
-    content_length: usize,
-    body: &[u8],
-) {
+fn respond(mut exchange: Exchange, status: &str, extra_headers: &str, content_length: usize, body: &[u8]) {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {content_length}\r\nETag: \"v1\"\r\nConnection: close\r\n{extra_headers}\r\n"
     );
@@ -139,19 +141,13 @@ fn full(exchange: Exchange, body: &[u8]) {
 
 /// Honours `Range: bytes=N-` with a 206, else 200.
 fn ranged(exchange: Exchange, body: &[u8]) {
-    let start = exchange.range.as_deref().and_then(|r| {
-        r.strip_prefix("bytes=")?
-            .strip_suffix('-')?
-            .parse::<usize>()
-            .ok()
-    });
+    let start = exchange
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
     match start {
         Some(start) if start < body.len() => {
-            let range = format!(
-                "Content-Range: bytes {start}-{}/{}\r\n",
-                body.len() - 1,
-                body.len()
-            );
+            let range = format!("Content-Range: bytes {start}-{}/{}\r\n", body.len() - 1, body.len());
             respond(
                 exchange,
                 "206 Partial Content",
@@ -171,13 +167,7 @@ fn drop_mid_body(exchange: Exchange, body: &[u8]) {
 
 fn status(exchange: Exchange, code: u16) {
     let text = format!("status {code}");
-    respond(
-        exchange,
-        &format!("{code} Status"),
-        "",
-        text.len(),
-        text.as_bytes(),
-    );
+    respond(exchange, &format!("{code} Status"), "", text.len(), text.as_bytes());
 }
 
 fn options(dir: &Path) -> FetchOptions {
@@ -256,18 +246,11 @@ fn right_hash_is_accepted_converted_and_not_fetched_twice() {
     assert_eq!(server.requests(), 1);
 
     let again = fetch::fetch("tiny", &opts).expect("second fetch");
-    assert!(
-        !again.downloaded,
-        "present with the right hash: not downloaded again"
-    );
+    assert!(!again.downloaded, "present with the right hash: not downloaded again");
     assert_eq!(server.requests(), 1);
 
     opts.force = true;
-    assert!(
-        fetch::fetch("tiny", &opts)
-            .expect("forced fetch")
-            .downloaded
-    );
+    assert!(fetch::fetch("tiny", &opts).expect("forced fetch").downloaded);
     assert_eq!(server.requests(), 2);
 
     // A full sha256 is accepted instead of the prefix in the name.
@@ -302,35 +285,18 @@ fn wrong_hash_is_rejected_and_nothing_is_left() {
     };
     let message = format!("{:#}", fetch::fetch("tiny", &opts).expect_err("wrong hash"));
     assert!(message.contains("sha256 mismatch"), "{message}");
-    assert!(
-        message.contains(&format!("expected {wrong_prefix}...")),
-        "{message}"
-    );
+    assert!(message.contains(&format!("expected {wrong_prefix}...")), "{message}");
     assert!(message.contains(&format!("got {actual}")), "{message}");
-    assert!(
-        files(dir.path()).is_empty(),
-        "left behind: {:?}",
-        files(dir.path())
-    );
+    assert!(files(dir.path()).is_empty(), "left behind: {:?}", files(dir.path()));
 
     let opts = FetchOptions {
         url: Some(url(&server, &actual[..8])),
         sha256: Some("ab".repeat(32)),
         ..options(dir.path())
     };
-    let message = format!(
-        "{:#}",
-        fetch::fetch("tiny", &opts).expect_err("wrong full hash")
-    );
-    assert!(
-        message.contains(&format!("expected {}", "ab".repeat(32))),
-        "{message}"
-    );
-    assert!(
-        files(dir.path()).is_empty(),
-        "left behind: {:?}",
-        files(dir.path())
-    );
+    let message = format!("{:#}", fetch::fetch("tiny", &opts).expect_err("wrong full hash"));
+    assert!(message.contains(&format!("expected {}", "ab".repeat(32))), "{message}");
+    assert!(files(dir.path()).is_empty(), "left behind: {:?}", files(dir.path()));
 }
 
 #[test]
@@ -391,11 +357,7 @@ fn not_found_fails_at_once() {
     assert!(message.contains("404"), "{message}");
     assert!(message.contains("--url"), "{message}");
     assert_eq!(server.requests(), 1, "a 404 is not retried");
-    assert!(
-        files(dir.path()).is_empty(),
-        "left behind: {:?}",
-        files(dir.path())
-    );
+    assert!(files(dir.path()).is_empty(), "left behind: {:?}", files(dir.path()));
 }
 
 #[test]
@@ -410,11 +372,7 @@ fn persistent_server_errors_give_up_after_the_retries() {
     let message = format!("{:#}", fetch::fetch("tiny", &opts).expect_err("502"));
     assert!(message.contains("502"), "{message}");
     assert_eq!(server.requests(), 3, "one attempt and two retries");
-    assert!(
-        files(dir.path()).is_empty(),
-        "left behind: {:?}",
-        files(dir.path())
-    );
+    assert!(files(dir.path()).is_empty(), "left behind: {:?}", files(dir.path()));
 }
 
 #[test]
@@ -432,10 +390,7 @@ fn bad_names_and_arguments_fail_before_downloading() {
         url: Some("http://127.0.0.1:9/x.pth".into()),
         ..options(dir.path())
     };
-    let message = format!(
-        "{:#}",
-        fetch::fetch("../escape", &opts).expect_err("bad name")
-    );
+    let message = format!("{:#}", fetch::fetch("../escape", &opts).expect_err("bad name"));
     assert!(message.contains("not a valid model name"), "{message}");
     let message = format!("{:#}", fetch::fetch("nohash", &opts).expect_err("no hash"));
     assert!(message.contains("--sha256"), "{message}");

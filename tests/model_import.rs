@@ -136,8 +136,7 @@ fn assert_same_tensors(actual: &[(String, Tensor)], reference: &Path) {
 }
 
 fn read(path: &Path) -> Vec<(String, Tensor)> {
-    torch_pickle::read_state_dict(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    torch_pickle::read_state_dict(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 #[test]
@@ -156,11 +155,7 @@ fn small_checkpoints_read_back_exactly() {
         assert_same_tensors(&tensors, &reference);
         if name == "small.pth" {
             let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
-            assert_eq!(
-                keys[..3],
-                ["conv.weight", "f64", "f16"],
-                "file order is kept"
-            );
+            assert_eq!(keys[..3], ["conv.weight", "f64", "f16"], "file order is kept");
         }
     }
     assert_eq!(
@@ -198,27 +193,15 @@ fn import_writes_safetensors_with_metadata() {
         let written = Tensor::read_safetensors(&output).expect("read output");
         assert_same_tensors(&written, &reference);
         let meta = weights::read_metadata(&output).expect("metadata");
-        assert_eq!(
-            meta.architecture.as_deref(),
-            Some("fasterrcnn_resnet50_fpn")
-        );
+        assert_eq!(meta.architecture.as_deref(), Some("fasterrcnn_resnet50_fpn"));
         assert_eq!(meta.labels, Some(coco_labels()));
         let sha = import::sha256_file(&input).expect("hash");
         assert_eq!(meta.source_sha256.as_deref(), Some(sha.as_str()));
         assert_eq!(report.source_sha256, sha);
         let source = std::fs::canonicalize(&input).expect("canonical path");
-        assert_eq!(
-            meta.source.as_deref(),
-            Some(source.display().to_string().as_str())
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out"))
-            .expect("list")
-            .collect();
-        assert_eq!(
-            leftovers.len(),
-            1,
-            "only the weights file is left in the output folder"
-        );
+        assert_eq!(meta.source.as_deref(), Some(source.display().to_string().as_str()));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out")).expect("list").collect();
+        assert_eq!(leftovers.len(), 1, "only the weights file is left in the output folder");
     }
 }
 
@@ -229,8 +212,7 @@ fn import_checks_labels_against_the_class_count() {
     let output = dir.path().join("five.safetensors");
     let mut options = ImportOptions::new(&output);
     options.verify = false;
-    let err =
-        import::import_checkpoint(&input, &options).expect_err("91 COCO labels for 5 classes");
+    let err = import::import_checkpoint(&input, &options).expect_err("91 COCO labels for 5 classes");
     let message = format!("{err:#}");
     assert!(
         message.contains("predicts 5 classes") && message.contains("--labels"),
@@ -284,13 +266,10 @@ fn unsupported_checkpoints_fail_clearly() {
         torch_pickle::read_state_dict(&text),
         Err(CheckpointError::NotCheckpoint { .. })
     ));
-    let import_err =
-        import::import_checkpoint(&text, &ImportOptions::new(dir.path().join("x.safetensors")))
-            .expect_err("text is no checkpoint");
+    let import_err = import::import_checkpoint(&text, &ImportOptions::new(dir.path().join("x.safetensors")))
+        .expect_err("text is no checkpoint");
     assert!(
-        import_err
-            .to_string()
-            .contains("neither a PyTorch checkpoint"),
+        import_err.to_string().contains("neither a PyTorch checkpoint"),
         "{import_err}"
     );
     let bytes = std::fs::read(dir.path().join("five_classes.pth")).expect("read");
@@ -308,8 +287,7 @@ fn faster_rcnn_state_dict_imports_and_loads() {
     drop(tensors);
 
     let output = dir.path().join("models").join("frcnn.safetensors");
-    let report =
-        import::import_checkpoint(&input, &ImportOptions::new(&output)).expect("import and verify");
+    let report = import::import_checkpoint(&input, &ImportOptions::new(&output)).expect("import and verify");
     assert!(report.verified);
     assert_eq!(report.labels, 91);
     // The imported weights load with the default policy (this is what `detect` does).
@@ -318,9 +296,8 @@ fn faster_rcnn_state_dict_imports_and_loads() {
     // A checkpoint of another model fails at import time, naming a key, and writes nothing.
     let small = generate(&["small"]);
     let wrong = dir.path().join("models").join("wrong.safetensors");
-    let err =
-        import::import_checkpoint(&small.path().join("small.pth"), &ImportOptions::new(&wrong))
-            .expect_err("a small state dict is no Faster R-CNN");
+    let err = import::import_checkpoint(&small.path().join("small.pth"), &ImportOptions::new(&wrong))
+        .expect_err("a small state dict is no Faster R-CNN");
     let message = format!("{err:#}");
     assert!(
         message.contains("does not fit fasterrcnn_resnet50_fpn") && message.contains('`'),
@@ -331,11 +308,7 @@ fn faster_rcnn_state_dict_imports_and_loads() {
         .expect("list")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(
-        names,
-        ["frcnn.safetensors"],
-        "no staging folder is left behind"
-    );
+    assert_eq!(names, ["frcnn.safetensors"], "no staging folder is left behind");
 }
 
 #[test]
@@ -351,11 +324,7 @@ fn cli_import_and_list() {
         .arg("--no-verify")
         .output()
         .expect("run attrstream");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(report["tensors"], 17);
     assert_eq!(report["format"], "pytorch-zip");
@@ -369,21 +338,14 @@ fn cli_import_and_list() {
         .expect("run attrstream");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("torch.nn.modules.linear.Linear"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("torch.nn.modules.linear.Linear"), "{stderr}");
 
     let out = Command::new(bin)
         .args(["model", "list", "--dir"])
         .arg(&models)
         .output()
         .expect("run attrstream");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let coco = stdout
         .lines()

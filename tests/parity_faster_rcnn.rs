@@ -49,13 +49,23 @@ struct Tolerances {
 }
 
 /// Issue #2's tolerances, for the path that performs torchvision's operations in order.
-const EXACT: Tolerances = Tolerances { feature_rel: 1e-4, proposal_px: 1e-3, box_px: 1e-2, score: 1e-4 };
+const EXACT: Tolerances = Tolerances {
+    feature_rel: 1e-4,
+    proposal_px: 1e-3,
+    box_px: 1e-2,
+    score: 1e-4,
+};
 
 /// The fast path (folded batch norm, channels-last convolutions) rounds differently:
 /// features stay within 1e-4 but proposals move by up to a few hundredths of a pixel
 /// (measured: 0.028 px at most) and scores by about 1e-4 (measured: 1.05e-4 at most), so
 /// proposals and boxes get 0.1 px and scores 1e-3.
-const FAST: Tolerances = Tolerances { feature_rel: 1e-4, proposal_px: 0.1, box_px: 0.1, score: 1e-3 };
+const FAST: Tolerances = Tolerances {
+    feature_rel: 1e-4,
+    proposal_px: 0.1,
+    box_px: 0.1,
+    score: 1e-3,
+};
 
 fn model(weights_file: &Path, case: &Case, fuse: bool) -> (VarStore, FasterRcnn) {
     let cfg = FasterRcnnConfig {
@@ -100,7 +110,10 @@ fn check_case(name: &str, weights_file: &str, fast: bool) {
         if std::env::var_os("PARITY_DEBUG").is_some() {
             eprintln!("{name}: FPN level {level} max relative error {err:.3e}");
         }
-        assert!(err <= tol.feature_rel, "{name}: FPN level {level} max relative error {err:.3e}");
+        assert!(
+            err <= tol.feature_rel,
+            "{name}: FPN level {level} max relative error {err:.3e}"
+        );
     }
 
     for (i, actual) in trace.proposals.iter().enumerate() {
@@ -112,7 +125,10 @@ fn check_case(name: &str, weights_file: &str, fast: bool) {
             for (j, m) in matches.iter().enumerate() {
                 let (k, d) = m.unwrap();
                 if d > 1e-3 {
-                    eprintln!("{name} proposal {j}: expected {:?} actual[{k}] {:?} d={d:.3e}", expected[j], actual[k]);
+                    eprintln!(
+                        "{name} proposal {j}: expected {:?} actual[{k}] {:?} d={d:.3e}",
+                        expected[j], actual[k]
+                    );
                 }
             }
         }
@@ -120,7 +136,10 @@ fn check_case(name: &str, weights_file: &str, fast: bool) {
             .into_iter()
             .map(|m| m.expect("every proposal matched").1)
             .fold(0.0, f64::max);
-        assert!(worst <= tol.proposal_px, "{name}: image {i} proposals differ by up to {worst:.3e} px");
+        assert!(
+            worst <= tol.proposal_px,
+            "{name}: image {i} proposals differ by up to {worst:.3e} px"
+        );
     }
 
     for (i, det) in trace.detections.iter().enumerate() {
@@ -130,7 +149,10 @@ fn check_case(name: &str, weights_file: &str, fast: bool) {
         let boxes = common::boxes(&det.boxes);
         let scores = Vec::<f64>::try_from(&det.scores.to_kind(Kind::Double)).unwrap();
         let labels = Vec::<i64>::try_from(&det.labels).unwrap();
-        assert!(expected_boxes.len() >= 10, "{name}: the reference should have many detections");
+        assert!(
+            expected_boxes.len() >= 10,
+            "{name}: the reference should have many detections"
+        );
         assert_eq!(boxes.len(), expected_boxes.len(), "{name}: image {i} detection count");
         // One-to-one: a detection matches the reference detection of the same label whose
         // box is closest.
@@ -144,9 +166,15 @@ fn check_case(name: &str, weights_file: &str, fast: bool) {
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .unwrap_or_else(|| panic!("{name}: image {i} reference detection {j} has no match"));
             used[k] = true;
-            assert!(dist <= tol.box_px, "{name}: image {i} detection {j} box differs by {dist:.3e} px");
+            assert!(
+                dist <= tol.box_px,
+                "{name}: image {i} detection {j} box differs by {dist:.3e} px"
+            );
             let ds = (scores[k] - expected_scores[j]).abs();
-            assert!(ds <= tol.score, "{name}: image {i} detection {j} score differs by {ds:.3e}");
+            assert!(
+                ds <= tol.score,
+                "{name}: image {i} detection {j} score differs by {ds:.3e}"
+            );
         }
     }
 }
@@ -179,12 +207,17 @@ fn fast_path_stays_within_its_documented_tolerances() {
 #[test]
 fn wrong_class_count_names_the_key_and_both_shapes() {
     let dir = common::faster_rcnn_reference();
-    let cfg = FasterRcnnConfig { num_classes: 5, ..Default::default() };
+    let cfg = FasterRcnnConfig {
+        num_classes: 5,
+        ..Default::default()
+    };
     let mut vs = VarStore::new(Device::Cpu);
     let _model = FasterRcnn::new(&vs.root(), cfg);
     let err = weights::load_into(&mut vs, &dir.join("weights.safetensors"), &LoadPolicy::default()).unwrap_err();
     match &err {
-        WeightsError::ShapeMismatch { key, expected, found, .. } => {
+        WeightsError::ShapeMismatch {
+            key, expected, found, ..
+        } => {
             assert!(key.starts_with("roi_heads.box_predictor."), "{key}");
             assert_eq!(expected[0] % 5, 0);
             assert_eq!(found[0] % 91, 0);
@@ -192,5 +225,8 @@ fn wrong_class_count_names_the_key_and_both_shapes() {
         other => panic!("expected a shape mismatch, got {other}"),
     }
     let message = err.to_string();
-    assert!(message.contains("roi_heads.box_predictor") && message.contains("[91") || message.contains("[364"), "{message}");
+    assert!(
+        message.contains("roi_heads.box_predictor") && message.contains("[91") || message.contains("[364"),
+        "{message}"
+    );
 }

@@ -20,7 +20,10 @@ fn golden() -> HashMap<String, Tensor> {
         let dir = common::root().join("target/test-reference");
         std::fs::create_dir_all(&dir).expect("reference dir");
         let out = dir.join("ops.safetensors");
-        common::run_python(&common::root().join("tests/reference/ops_reference.py"), &[out.to_str().unwrap()]);
+        common::run_python(
+            &common::root().join("tests/reference/ops_reference.py"),
+            &[out.to_str().unwrap()],
+        );
         out
     });
     common::load_tensors(path)
@@ -43,7 +46,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     if a.numel() == 0 {
         return 0.0;
     }
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 #[test]
@@ -56,7 +62,11 @@ fn nms_keeps_the_same_indices_as_torchvision() {
 
 #[test]
 fn nms_of_nothing_is_nothing() {
-    let keep = ops::nms(&Tensor::zeros([0, 4], tch::kind::FLOAT_CPU), &Tensor::zeros([0], tch::kind::FLOAT_CPU), 0.5);
+    let keep = ops::nms(
+        &Tensor::zeros([0, 4], tch::kind::FLOAT_CPU),
+        &Tensor::zeros([0], tch::kind::FLOAT_CPU),
+        0.5,
+    );
     assert_eq!(keep.size(), g("nms.empty_keep").size());
     assert_eq!(keep.kind(), Kind::Int64);
 }
@@ -79,9 +89,7 @@ fn batched_nms_matches_torchvision_on_both_paths() {
         b.sort();
         assert_eq!(a, b, "{name}: kept set");
         let scores = g(&format!("batched.{name}.scores"));
-        let ordered = |k: &[i64]| -> Vec<f64> {
-            k.iter().map(|&i| scores.double_value(&[i])).collect()
-        };
+        let ordered = |k: &[i64]| -> Vec<f64> { k.iter().map(|&i| scores.double_value(&[i])).collect() };
         assert_eq!(ordered(&ints(&keep)), ordered(&expected), "{name}: score order");
     }
 }
@@ -103,7 +111,14 @@ fn roi_align_matches_torchvision_for_every_mode() {
         for ratio in [2i64, 0, -1] {
             for aligned in [false, true] {
                 let key = format!("roi.out.{scale}.{ratio}.{}", aligned as i32);
-                let ours = ops::roi_align(&g("roi.input"), &g("roi.rois"), (7, 5), scale.parse().unwrap(), ratio, aligned);
+                let ours = ops::roi_align(
+                    &g("roi.input"),
+                    &g("roi.rois"),
+                    (7, 5),
+                    scale.parse().unwrap(),
+                    ratio,
+                    aligned,
+                );
                 let diff = max_abs_diff(&ours, &g(&key));
                 assert!(diff <= 1e-5, "{key}: max abs diff {diff:.3e}");
             }
@@ -113,7 +128,14 @@ fn roi_align_matches_torchvision_for_every_mode() {
 
 #[test]
 fn roi_align_of_no_rois_is_empty() {
-    let ours = ops::roi_align(&g("roi.input"), &Tensor::zeros([0, 5], tch::kind::FLOAT_CPU), (7, 7), 0.25, 2, false);
+    let ours = ops::roi_align(
+        &g("roi.input"),
+        &Tensor::zeros([0, 5], tch::kind::FLOAT_CPU),
+        (7, 7),
+        0.25,
+        2,
+        false,
+    );
     assert_eq!(ours.size(), g("roi.empty").size());
 }
 
@@ -132,5 +154,8 @@ fn box_coder_matches_torchvision_including_the_clamp() {
 fn clipping_and_small_box_removal_match_torchvision() {
     let clipped = ops::clip_boxes_to_image(&(g("nms.boxes") * 1.5 - 20.0), (90, 110));
     assert_eq!(max_abs_diff(&clipped, &g("clip.out")), 0.0);
-    assert_eq!(ints(&ops::remove_small_boxes(&g("nms.boxes"), 5.0)), ints(&g("small.keep")));
+    assert_eq!(
+        ints(&ops::remove_small_boxes(&g("nms.boxes"), 5.0)),
+        ints(&g("small.keep"))
+    );
 }

@@ -22,7 +22,7 @@ pub fn run(args: DetectArgs) -> Result<ExitCode> {
         ..Default::default()
     };
     let weights = args.weights.clone().unwrap_or_else(default_weights_path);
-    let detector = Detector::load(&weights, device, cfg)?;
+    let detector = Detector::load(&weights, device, cfg, args.exact)?;
     tracing::info!(model = detector.name(), device = ?device, "loaded detector");
     if let Some(dir) = &args.annotate {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -42,7 +42,11 @@ pub fn run(args: DetectArgs) -> Result<ExitCode> {
         }
     }
     failures += detect_batch(&detector, &mut pending, args.annotate.as_deref());
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn load_image(path: &Path, max_pixels: u64) -> Result<RgbImage> {
@@ -82,7 +86,10 @@ fn detect_batch(detector: &Detector, pending: &mut Vec<(PathBuf, RgbImage)>, ann
             "inference_ms": (per_image_ms * 10.0).round() / 10.0,
         });
         if let Some(dir) = annotate {
-            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let out = dir.join(format!("{name}.png"));
             match crate::annotate::annotate(image, &result.detections).save(&out) {
                 Ok(()) => record["annotated"] = json!(out),

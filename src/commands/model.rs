@@ -27,11 +27,7 @@ fn run_import(args: ModelImportArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| import::default_output_path(&args.file, Path::new(DEFAULT_MODEL_DIR)));
     let mut options = ImportOptions::new(output);
-    options.labels = args
-        .labels
-        .as_deref()
-        .map(import::read_labels)
-        .transpose()?;
+    options.labels = args.labels.as_deref().map(import::read_labels).transpose()?;
     options.verify = !args.no_verify;
     options.frozen_bn_eps = args.frozen_bn_eps;
     let report = import::import_checkpoint(&args.file, &options)?;
@@ -75,9 +71,7 @@ fn run_list(args: ModelListArgs) -> Result<ExitCode> {
                 let expected = fetch::hub_hash_prefix(known.url).map(ExpectedHash::Prefix);
                 match weights::read_metadata(&path) {
                     Ok(meta) => match (expected, meta.source_sha256) {
-                        (Some(e), Some(sha)) if !e.matches(&sha) => {
-                            "present (other source)".to_string()
-                        }
+                        (Some(e), Some(sha)) if !e.matches(&sha) => "present (other source)".to_string(),
                         _ => "present".to_string(),
                     },
                     Err(_) => "unreadable".to_string(),
@@ -94,12 +88,7 @@ fn run_list(args: ModelListArgs) -> Result<ExitCode> {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
     println!("{:width$}  {:22}  PATH", "NAME", "STATUS");
     for row in &rows {
-        println!(
-            "{:width$}  {:22}  {}",
-            row.name,
-            row.status,
-            row.path.display()
-        );
+        println!("{:width$}  {:22}  {}", row.name, row.status, row.path.display());
     }
     if rows.iter().any(|r| r.status == "missing") {
         eprintln!("get missing weights with `attrstream model fetch NAME` (needs internet)");
@@ -116,15 +105,12 @@ fn other_weights(dir: &Path) -> Result<Vec<Row>> {
     };
     let mut rows = Vec::new();
     for entry in entries {
-        let path = entry
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .path();
+        let path = entry.with_context(|| format!("cannot list {}", dir.display()))?.path();
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
         let is_weights = path.extension().is_some_and(|e| e == "safetensors");
-        if !is_weights || stem.starts_with('.') || KNOWN_CHECKPOINTS.iter().any(|k| k.name == stem)
-        {
+        if !is_weights || stem.starts_with('.') || KNOWN_CHECKPOINTS.iter().any(|k| k.name == stem) {
             continue;
         }
         let status = match weights::read_metadata(&path) {

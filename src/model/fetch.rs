@@ -43,8 +43,7 @@ pub const KNOWN_CHECKPOINTS: &[KnownCheckpoint] = &[KnownCheckpoint {
     name: "fasterrcnn_resnet50_fpn_coco",
     url: "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
     architecture: FASTERRCNN_RESNET50_FPN,
-    description:
-        "torchvision Faster R-CNN ResNet-50 FPN trained on COCO 2017 (box AP 37.0, 91 labels)",
+    description: "torchvision Faster R-CNN ResNet-50 FPN trained on COCO 2017 (box AP 37.0, 91 labels)",
 }];
 
 /// The known checkpoint called `name`.
@@ -63,10 +62,8 @@ pub fn hub_hash_prefix(url: &str) -> Option<String> {
     let file = path.rsplit('/').next()?;
     let (_, tail) = file.rsplit_once('-')?;
     let hash = tail.split('.').next()?;
-    (hash.len() >= 6
-        && hash.len() <= 64
-        && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-    .then(|| hash.to_string())
+    (hash.len() >= 6 && hash.len() <= 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| hash.to_string())
 }
 
 /// The hash a download must have.
@@ -191,9 +188,7 @@ pub struct FetchReport {
 /// `options.force`.
 pub fn fetch(name: &str, options: &FetchOptions) -> Result<FetchReport> {
     if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         || name.starts_with('.')
     {
         bail!("`{name}` is not a valid model name (letters, digits, `_`, `-` and `.` only)");
@@ -204,11 +199,7 @@ pub fn fetch(name: &str, options: &FetchOptions) -> Result<FetchReport> {
         (None, Some(k)) => k.url.to_string(),
         (None, None) => bail!(
             "unknown model `{name}`; known: {} (or give a download URL with --url)",
-            KNOWN_CHECKPOINTS
-                .iter()
-                .map(|c| c.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            KNOWN_CHECKPOINTS.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
         ),
     };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -219,9 +210,7 @@ pub fn fetch(name: &str, options: &FetchOptions) -> Result<FetchReport> {
         None => hub_hash_prefix(&url)
             .or_else(|| known.and_then(|k| hub_hash_prefix(k.url)))
             .map(ExpectedHash::Prefix)
-            .ok_or_else(|| {
-                anyhow!("no hash to check {url} against: pass --sha256 with the file's full sha256")
-            })?,
+            .ok_or_else(|| anyhow!("no hash to check {url} against: pass --sha256 with the file's full sha256"))?,
     };
 
     let output = weights_path(&options.dir, name);
@@ -240,8 +229,7 @@ pub fn fetch(name: &str, options: &FetchOptions) -> Result<FetchReport> {
         }
     }
 
-    std::fs::create_dir_all(&options.dir)
-        .with_context(|| format!("cannot create folder {}", options.dir.display()))?;
+    std::fs::create_dir_all(&options.dir).with_context(|| format!("cannot create folder {}", options.dir.display()))?;
     let mut part = tempfile::Builder::new()
         .prefix(&format!(".{name}-"))
         .suffix(".part")
@@ -352,9 +340,8 @@ fn download(url: &str, file: &mut File, options: &FetchOptions) -> Result<(Strin
     } else {
         ProgressBar::hidden()
     };
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    if let Ok(style) = ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
@@ -390,9 +377,7 @@ impl Transfer<'_> {
         self.file
             .set_len(0)
             .and_then(|()| self.file.seek(SeekFrom::Start(0)).map(drop))
-            .map_err(|e| {
-                AttemptError::Permanent(anyhow!("cannot truncate the temporary file: {e}"))
-            })?;
+            .map_err(|e| AttemptError::Permanent(anyhow!("cannot truncate the temporary file: {e}")))?;
         self.received = 0;
         self.hasher = Sha256::new();
         self.bar.set_position(0);
@@ -459,10 +444,7 @@ impl Transfer<'_> {
                     .filter(|e| !e.starts_with("W/"))
                     .or_else(|| header(LAST_MODIFIED));
             }
-            s if s.is_server_error()
-                || s == StatusCode::REQUEST_TIMEOUT
-                || s == StatusCode::TOO_MANY_REQUESTS =>
-            {
+            s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT || s == StatusCode::TOO_MANY_REQUESTS => {
                 return Err(AttemptError::Transient(anyhow!("the server answered {s}")));
             }
             s => {
@@ -488,9 +470,9 @@ impl Transfer<'_> {
                     )))
                 }
             };
-            self.file.write_all(&buf[..n]).map_err(|e| {
-                AttemptError::Permanent(anyhow!("cannot write the temporary file: {e}"))
-            })?;
+            self.file
+                .write_all(&buf[..n])
+                .map_err(|e| AttemptError::Permanent(anyhow!("cannot write the temporary file: {e}")))?;
             self.hasher.update(&buf[..n]);
             self.received += n as u64;
             self.bar.inc(n as u64);
@@ -506,9 +488,10 @@ impl Transfer<'_> {
                     "the server sent more than the {total} bytes it announced"
                 )))
             }
-            _ => self.file.flush().map_err(|e| {
-                AttemptError::Permanent(anyhow!("cannot write the temporary file: {e}"))
-            }),
+            _ => self
+                .file
+                .flush()
+                .map_err(|e| AttemptError::Permanent(anyhow!("cannot write the temporary file: {e}"))),
         }
     }
 }
@@ -541,10 +524,7 @@ mod tests {
     #[test]
     fn hub_prefix_from_file_name() {
         assert_eq!(
-            hub_hash_prefix(
-                "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
-            )
-            .as_deref(),
+            hub_hash_prefix("https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth").as_deref(),
             Some("258fb6c6")
         );
         assert_eq!(
@@ -567,10 +547,7 @@ mod tests {
 
     #[test]
     fn content_range() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/200"),
-            Some((100, Some(200)))
-        );
+        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
     }
@@ -578,11 +555,7 @@ mod tests {
     #[test]
     fn registry_is_consistent() {
         for k in KNOWN_CHECKPOINTS {
-            assert!(
-                hub_hash_prefix(k.url).is_some(),
-                "{} has no hash in its URL",
-                k.name
-            );
+            assert!(hub_hash_prefix(k.url).is_some(), "{} has no hash in its URL", k.name);
         }
         assert!(known_checkpoint("fasterrcnn_resnet50_fpn_coco").is_some());
     }

@@ -149,11 +149,7 @@ pub fn default_output_path(input: &Path, dir: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "weights".to_string());
     let stem = match stem.rsplit_once('-') {
-        Some((base, hash))
-            if !base.is_empty()
-                && hash.len() >= 6
-                && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
-        {
+        Some((base, hash)) if !base.is_empty() && hash.len() >= 6 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
             base.to_string()
         }
         _ => stem,
@@ -165,16 +161,11 @@ pub fn default_output_path(input: &Path, dir: &Path) -> PathBuf {
 /// is the background). Blank lines at the end are ignored; blank lines in between are an
 /// error, since they would shift every following class id.
 pub fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read label file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read label file {}", path.display()))?;
     let text = text.trim_start_matches('\u{feff}');
     let labels: Vec<String> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(text).with_context(|| {
-            format!(
-                "label file {} is not a JSON list of strings",
-                path.display()
-            )
-        })?
+        serde_json::from_str(text)
+            .with_context(|| format!("label file {} is not a JSON list of strings", path.display()))?
     } else {
         let mut lines: Vec<&str> = text.lines().map(str::trim).collect();
         while lines.last() == Some(&"") {
@@ -240,9 +231,7 @@ fn model_config(input: Option<serde_json::Value>, options: &ImportOptions, sha25
 pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<ImportReport> {
     let format = detect_format(input)?;
     let (tensors, input_meta) = match format {
-        CheckpointFormat::TorchZip | CheckpointFormat::TorchLegacy => {
-            (torch_pickle::read_state_dict(input)?, None)
-        }
+        CheckpointFormat::TorchZip | CheckpointFormat::TorchLegacy => (torch_pickle::read_state_dict(input)?, None),
         CheckpointFormat::Safetensors => {
             let meta = weights::read_metadata(input)?;
             let tensors = Tensor::read_safetensors(input)
@@ -285,8 +274,7 @@ pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<Import
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     let staging = tempfile::Builder::new()
         .prefix(".attrstream-import-")
         .tempdir_in(dir)
@@ -312,8 +300,7 @@ pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<Import
             )
         })?;
     }
-    std::fs::rename(&staged, output)
-        .with_context(|| format!("cannot move weights into {}", output.display()))?;
+    std::fs::rename(&staged, output).with_context(|| format!("cannot move weights into {}", output.display()))?;
     Ok(ImportReport {
         output: output.clone(),
         format,
@@ -340,11 +327,7 @@ pub fn verify_faster_rcnn(path: &Path, num_classes: usize) -> Result<()> {
 
 /// Drops the `module.` prefix `nn.DataParallel` adds when every key has it.
 fn strip_data_parallel_prefix(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    if tensors.is_empty()
-        || !tensors
-            .iter()
-            .all(|(k, _)| k.starts_with(DATA_PARALLEL_PREFIX))
-    {
+    if tensors.is_empty() || !tensors.iter().all(|(k, _)| k.starts_with(DATA_PARALLEL_PREFIX)) {
         return tensors;
     }
     tracing::info!("dropping the `{DATA_PARALLEL_PREFIX}` prefix (DataParallel) from every key");
@@ -355,12 +338,7 @@ fn strip_data_parallel_prefix(tensors: Vec<(String, Tensor)>) -> Vec<(String, Te
 }
 
 /// Fails early when the box predictor's class count differs from the label map's.
-fn check_class_count(
-    input: &Path,
-    tensors: &[(String, Tensor)],
-    labels: &[String],
-    explicit: bool,
-) -> Result<()> {
+fn check_class_count(input: &Path, tensors: &[(String, Tensor)], labels: &[String], explicit: bool) -> Result<()> {
     let Some((_, scores)) = tensors.iter().find(|(k, _)| k == CLASS_SCORE_KEY) else {
         return Ok(());
     };
@@ -387,7 +365,10 @@ mod tests {
     fn official_coco_checkpoint_gets_epsilon_zero_and_others_keep_theirs() {
         let mut options = ImportOptions::new("x.safetensors");
         let coco = format!("{COCO_V1_SHA256_PREFIX}{}", "0".repeat(56));
-        assert_eq!(model_config(None, &options, &coco), Some(serde_json::json!({"frozen_bn_eps": 0.0})));
+        assert_eq!(
+            model_config(None, &options, &coco),
+            Some(serde_json::json!({"frozen_bn_eps": 0.0}))
+        );
         assert_eq!(model_config(None, &options, &"a".repeat(64)), None);
         let own = serde_json::json!({"num_classes": 5});
         assert_eq!(model_config(Some(own.clone()), &options, &"a".repeat(64)), Some(own));
@@ -404,10 +385,7 @@ mod tests {
     fn default_output_drops_hub_hash() {
         let dir = Path::new("models");
         assert_eq!(
-            default_output_path(
-                Path::new("/x/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
-                dir
-            ),
+            default_output_path(Path::new("/x/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"), dir),
             dir.join("fasterrcnn_resnet50_fpn_coco.safetensors")
         );
         assert_eq!(
@@ -425,10 +403,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let lines = dir.path().join("labels.txt");
         std::fs::write(&lines, "__background__\r\nshoe\ntraffic light\n\n")?;
-        assert_eq!(
-            read_labels(&lines)?,
-            ["__background__", "shoe", "traffic light"]
-        );
+        assert_eq!(read_labels(&lines)?, ["__background__", "shoe", "traffic light"]);
         let json = dir.path().join("labels.json");
         std::fs::write(&json, r#"["bg", "cup"]"#)?;
         assert_eq!(read_labels(&json)?, ["bg", "cup"]);

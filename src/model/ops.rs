@@ -132,20 +132,12 @@ fn batched_nms_per_class(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou: f6
     let classes = idxs.unique_dim(0, true, false, false).0;
     for class_id in Vec::<i64>::try_from(&classes.to_device(Device::Cpu)).unwrap_or_default() {
         let indices = idxs.eq(class_id).nonzero().select(1, 0);
-        let kept = nms(
-            &boxes.index_select(0, &indices),
-            &scores.index_select(0, &indices),
-            iou,
-        );
+        let kept = nms(&boxes.index_select(0, &indices), &scores.index_select(0, &indices), iou);
         let kept_global = indices.index_select(0, &kept);
-        let _ = keep_mask
-            .shallow_clone()
-            .index_fill_(0, &kept_global, 1i64);
+        let _ = keep_mask.shallow_clone().index_fill_(0, &kept_global, 1i64);
     }
     let keep = keep_mask.nonzero().select(1, 0);
-    let (_, order) = scores
-        .index_select(0, &keep)
-        .sort(0, true);
+    let (_, order) = scores.index_select(0, &keep).sort(0, true);
     keep.index_select(0, &order)
 }
 
@@ -217,7 +209,10 @@ pub fn roi_align(
         // An adaptive grid of zero samples (an empty, aligned RoI) pools to zero, as in
         // torchvision: such RoIs keep the zeros they start with.
         if grid_h[i] > 0 && grid_w[i] > 0 {
-            groups.entry((batch[i], grid_h[i], grid_w[i])).or_default().push(i as i64);
+            groups
+                .entry((batch[i], grid_h[i], grid_w[i]))
+                .or_default()
+                .push(i as i64);
         }
     }
     let output = Tensor::zeros([k, c, pooled_h, pooled_w], (kind, device));
@@ -262,7 +257,9 @@ fn sample_positions(start: &Tensor, bin: &Tensor, pooled: i64, grid: i64) -> Ten
     let p = Tensor::arange(pooled, (kind, device))
         .repeat_interleave_self_int(grid, 0, None)
         .unsqueeze(0);
-    let i = (Tensor::arange(grid, (kind, device)) + 0.5).repeat([pooled]).unsqueeze(0);
+    let i = (Tensor::arange(grid, (kind, device)) + 0.5)
+        .repeat([pooled])
+        .unsqueeze(0);
     let bin = bin.unsqueeze(1);
     start.unsqueeze(1) + &p * &bin + (&i * &bin) / grid as f64
 }

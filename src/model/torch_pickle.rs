@@ -40,8 +40,7 @@ const MAX_PICKLE_BYTES: u64 = 1 << 30;
 /// Most dimensions a tensor may have (libtorch's own limit is lower).
 const MAX_DIMS: usize = 64;
 /// Hint appended to errors about checkpoints that are not plain state dicts.
-const SAVE_STATE_DICT_HINT: &str =
-    "save the weights alone with `torch.save(model.state_dict(), path)`";
+const SAVE_STATE_DICT_HINT: &str = "save the weights alone with `torch.save(model.state_dict(), path)`";
 
 /// The container format of a `torch.save` file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +63,7 @@ pub enum CheckpointError {
         cause: std::io::Error,
     },
     /// The file is not a `torch.save` file at all.
-    #[error(
-        "{path} is not a PyTorch checkpoint ({reason}); expected a file written by `torch.save`"
-    )]
+    #[error("{path} is not a PyTorch checkpoint ({reason}); expected a file written by `torch.save`")]
     NotCheckpoint {
         /// The file.
         path: PathBuf,
@@ -74,9 +71,7 @@ pub enum CheckpointError {
         reason: String,
     },
     /// The zip container is damaged.
-    #[error(
-        "cannot read the zip archive {path}: {cause}; the file may be truncated, download it again"
-    )]
+    #[error("cannot read the zip archive {path}: {cause}; the file may be truncated, download it again")]
     Zip {
         /// The file.
         path: PathBuf,
@@ -313,9 +308,7 @@ fn read_zip(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
         Err(e) => return Err(zip_err(e)),
     };
     let pickle = {
-        let mut entry = archive
-            .by_name(&format!("{prefix}data.pkl"))
-            .map_err(zip_err)?;
+        let mut entry = archive.by_name(&format!("{prefix}data.pkl")).map_err(zip_err)?;
         if entry.size() > MAX_PICKLE_BYTES {
             return Err(not_ckpt(format!(
                 "`{prefix}data.pkl` is implausibly large ({} bytes)",
@@ -323,12 +316,10 @@ fn read_zip(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
             )));
         }
         let mut data = Vec::new();
-        entry
-            .read_to_end(&mut data)
-            .map_err(|source| CheckpointError::Io {
-                path: path.to_path_buf(),
-                cause: source,
-            })?;
+        entry.read_to_end(&mut data).map_err(|source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            cause: source,
+        })?;
         data
     };
     let mut vm = Machine::new(&pickle, 0);
@@ -369,10 +360,7 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
     if !matches!(protocol, Value::Int(LEGACY_PROTOCOL_VERSION)) {
         return Err(malformed(
             pos,
-            format!(
-                "unsupported legacy protocol version {}",
-                protocol.describe()
-            ),
+            format!("unsupported legacy protocol version {}", protocol.describe()),
         ));
     }
     let (_sys_info, _) = next(&mut pos)?;
@@ -391,30 +379,17 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
                 )),
             })
             .collect::<Result<_, _>>()?,
-        other => {
-            return Err(malformed(
-                pos,
-                format!("storage key list is {}", other.describe()),
-            ))
-        }
+        other => return Err(malformed(pos, format!("storage key list is {}", other.describe()))),
     };
     let mut ranges = HashMap::new();
     for key in keys {
-        let (dtype, numel) = *storages.get(&key).ok_or_else(|| {
-            malformed(
-                pos,
-                format!("storage `{key}` is listed but never referenced"),
-            )
-        })?;
+        let (dtype, numel) = *storages
+            .get(&key)
+            .ok_or_else(|| malformed(pos, format!("storage `{key}` is listed but never referenced")))?;
         let count = data
             .get(pos..pos + 8)
             .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-            .ok_or_else(|| {
-                malformed(
-                    pos,
-                    format!("file ends before storage `{key}`; it is truncated"),
-                )
-            })?;
+            .ok_or_else(|| malformed(pos, format!("file ends before storage `{key}`; it is truncated")))?;
         if count != numel {
             return Err(malformed(
                 pos,
@@ -427,12 +402,7 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
             .and_then(|n| usize::try_from(n).ok())
             .and_then(|n| start.checked_add(n))
             .filter(|&end| end <= data.len())
-            .ok_or_else(|| {
-                malformed(
-                    pos,
-                    format!("file ends inside storage `{key}`; it is truncated"),
-                )
-            })?;
+            .ok_or_else(|| malformed(pos, format!("file ends inside storage `{key}`; it is truncated")))?;
         ranges.insert(key, start..end);
         pos = end;
     }
@@ -449,10 +419,7 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
 const WRAPPER_KEYS: [&str; 3] = ["model", "state_dict", "model_state_dict"];
 
 /// The tensor entries of the state dict in `top`, in file order.
-fn state_dict_entries(
-    path: &Path,
-    top: &Value,
-) -> Result<Vec<(String, Rc<TensorSpec>)>, CheckpointError> {
+fn state_dict_entries(path: &Path, top: &Value) -> Result<Vec<(String, Rc<TensorSpec>)>, CheckpointError> {
     let not_sd = |reason: String| CheckpointError::NotStateDict {
         path: path.to_path_buf(),
         reason,
@@ -465,24 +432,15 @@ fn state_dict_entries(
     };
     let mut dict = match top {
         Value::Dict(d) => d.clone(),
-        Value::Object(global) => {
-            return Err(unsupported("the top-level object".to_string(), global))
-        }
-        other => {
-            return Err(not_sd(format!(
-                "the top-level object is {}",
-                other.describe()
-            )))
-        }
+        Value::Object(global) => return Err(unsupported("the top-level object".to_string(), global)),
+        other => return Err(not_sd(format!("the top-level object is {}", other.describe()))),
     };
     let wrapped = WRAPPER_KEYS
         .iter()
         .find_map(|k| dict.borrow().get_str(k).map(|v| (*k, v)));
     match wrapped {
         Some((_, Value::Dict(inner))) => dict = inner,
-        Some((key, Value::Object(global))) => {
-            return Err(unsupported(format!("entry `{key}`"), &global))
-        }
+        Some((key, Value::Object(global))) => return Err(unsupported(format!("entry `{key}`"), &global)),
         _ => {}
     }
     let dict = dict.borrow();
@@ -593,10 +551,7 @@ fn build_tensor(bytes: &[u8], spec: &TensorSpec, big_endian: bool) -> Result<Ten
     }
     let numel: u128 = spec.size.iter().map(|&d| d as u128).product();
     if numel == 0 {
-        return Ok(Tensor::f_zeros(
-            spec.size.as_slice(),
-            (spec.dtype.kind(), Device::Cpu),
-        )?);
+        return Ok(Tensor::f_zeros(spec.size.as_slice(), (spec.dtype.kind(), Device::Cpu))?);
     }
     // Elements spanned by the view, from its first to its last element.
     let extent: u128 = 1 + spec
@@ -621,9 +576,7 @@ fn build_tensor(bytes: &[u8], spec: &TensorSpec, big_endian: bool) -> Result<Ten
     let slice = &bytes[start as usize..end as usize];
     let slice: Cow<[u8]> = if big_endian != cfg!(target_endian = "big") && spec.dtype.size() > 1 {
         let mut owned = slice.to_vec();
-        owned
-            .chunks_exact_mut(spec.dtype.size())
-            .for_each(<[u8]>::reverse);
+        owned.chunks_exact_mut(spec.dtype.size()).for_each(<[u8]>::reverse);
         Cow::Owned(owned)
     } else {
         Cow::Borrowed(slice)
@@ -865,12 +818,7 @@ impl Value {
         let items: Vec<Value> = match self {
             Value::Tuple(t) => t.to_vec(),
             Value::List(l) => l.borrow().clone(),
-            other => {
-                return Err(format!(
-                    "{what} is {}, expected a tuple of ints",
-                    other.describe()
-                ))
-            }
+            other => return Err(format!("{what} is {}, expected a tuple of ints", other.describe())),
         };
         items.iter().map(|v| v.as_int(what)).collect()
     }
@@ -1035,8 +983,7 @@ impl<'a> Machine<'a> {
     }
 
     fn len_u64(&mut self) -> Result<usize, VmError> {
-        usize::try_from(u64::from_le_bytes(self.array()?))
-            .map_err(|_| self.err("length does not fit in memory"))
+        usize::try_from(u64::from_le_bytes(self.array()?)).map_err(|_| self.err("length does not fit in memory"))
     }
 
     /// A text argument up to the next newline (protocol 0 opcodes).
@@ -1046,8 +993,7 @@ impl<'a> Machine<'a> {
             .iter()
             .position(|&b| b == b'\n')
             .ok_or_else(|| self.err("unterminated text argument"))?;
-        let line =
-            std::str::from_utf8(&rest[..n]).map_err(|_| self.err("text argument is not UTF-8"))?;
+        let line = std::str::from_utf8(&rest[..n]).map_err(|_| self.err("text argument is not UTF-8"))?;
         self.pos += n + 1;
         Ok(line)
     }
@@ -1076,10 +1022,7 @@ impl<'a> Machine<'a> {
 
     /// Pops everything above the last mark, and the mark.
     fn pop_mark(&mut self) -> Result<Vec<Value>, VmError> {
-        let mark = self
-            .marks
-            .pop()
-            .ok_or_else(|| self.err("no MARK on the stack"))?;
+        let mark = self.marks.pop().ok_or_else(|| self.err("no MARK on the stack"))?;
         Ok(self.stack.split_off(mark))
     }
 
@@ -1200,11 +1143,7 @@ impl<'a> Machine<'a> {
                     let v = match line {
                         "00" => Value::Bool(false),
                         "01" => Value::Bool(true),
-                        s => Value::Int(
-                            s.trim()
-                                .parse()
-                                .map_err(|_| self.err(format!("bad INT {s:?}")))?,
-                        ),
+                        s => Value::Int(s.trim().parse().map_err(|_| self.err(format!("bad INT {s:?}")))?),
                     };
                     self.push(v);
                 }
@@ -1370,12 +1309,10 @@ impl<'a> Machine<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => {
-                            self.push(Value::Global(Rc::new(Global {
-                                module: module.to_string(),
-                                name: name.to_string(),
-                            })))
-                        }
+                        (Value::Str(module), Value::Str(name)) => self.push(Value::Global(Rc::new(Global {
+                            module: module.to_string(),
+                            name: name.to_string(),
+                        }))),
                         _ => return Err(self.err("STACK_GLOBAL needs two strs")),
                     }
                 }
@@ -1416,10 +1353,7 @@ impl<'a> Machine<'a> {
     /// Resolves a `torch.save` persistent id: `('storage', type, key, location, numel[, view])`.
     fn persistent_load(&mut self, pid: &Value) -> Result<Value, VmError> {
         let Value::Tuple(items) = pid else {
-            return Err(self.err(format!(
-                "persistent id is {}, expected a tuple",
-                pid.describe()
-            )));
+            return Err(self.err(format!("persistent id is {}, expected a tuple", pid.describe())));
         };
         match items.first() {
             Some(Value::Str(tag)) if &**tag == "storage" => {}
@@ -1468,12 +1402,8 @@ impl<'a> Machine<'a> {
             None | Some(Value::None) => (0, numel),
             // Legacy storage view: (view_key, offset, size) in elements of the root storage.
             Some(Value::Tuple(view)) if view.len() == 3 => {
-                let offset = view[1]
-                    .as_int("storage view offset")
-                    .map_err(|e| self.err(e))?;
-                let size = view[2]
-                    .as_int("storage view size")
-                    .map_err(|e| self.err(e))?;
+                let offset = view[1].as_int("storage view offset").map_err(|e| self.err(e))?;
+                let size = view[2].as_int("storage view size").map_err(|e| self.err(e))?;
                 let (offset, size) = (
                     u64::try_from(offset).map_err(|_| self.err("negative view offset"))?,
                     u64::try_from(size).map_err(|_| self.err("negative view size"))?,
@@ -1503,12 +1433,7 @@ impl<'a> Machine<'a> {
         };
         let args: Vec<Value> = match args {
             Value::Tuple(t) => t.to_vec(),
-            other => {
-                return Err(self.err(format!(
-                    "call arguments are {}, expected a tuple",
-                    other.describe()
-                )))
-            }
+            other => return Err(self.err(format!("call arguments are {}, expected a tuple", other.describe()))),
         };
         let arity = |n: usize| -> Result<(), VmError> {
             if args.len() < n {
@@ -1529,17 +1454,13 @@ impl<'a> Machine<'a> {
                     let pairs: Vec<Value> = match pairs {
                         Value::List(l) => l.borrow().clone(),
                         Value::Tuple(t) => t.to_vec(),
-                        other => {
-                            return Err(self.err(format!("dict argument is {}", other.describe())))
-                        }
+                        other => return Err(self.err(format!("dict argument is {}", other.describe()))),
                     };
                     let mut items = Vec::with_capacity(pairs.len() * 2);
                     for pair in pairs {
                         match pair {
                             Value::Tuple(kv) if kv.len() == 2 => items.extend(kv.iter().cloned()),
-                            other => {
-                                return Err(self.err(format!("dict item is {}", other.describe())))
-                            }
+                            other => return Err(self.err(format!("dict item is {}", other.describe()))),
                         }
                     }
                     self.set_items(&dict, items)?;
@@ -1593,9 +1514,7 @@ impl<'a> Machine<'a> {
         let size = size.as_ints("tensor size").map_err(|e| self.err(e))?;
         let stride = stride.as_ints("tensor stride").map_err(|e| self.err(e))?;
         if size.len() != stride.len() {
-            return Err(self.err(format!(
-                "tensor size {size:?} and stride {stride:?} differ in length"
-            )));
+            return Err(self.err(format!("tensor size {size:?} and stride {stride:?} differ in length")));
         }
         if size.len() > MAX_DIMS {
             return Err(self.err(format!("tensor has {} dimensions", size.len())));
@@ -1626,7 +1545,8 @@ mod tests {
     #[test]
     fn ints_and_containers() {
         // {'a': [1, -2, 300], 'b': (True, None)} in protocol 2, hand-assembled.
-        let pickle = b"\x80\x02}q\x00(X\x01\x00\x00\x00a]q\x01(K\x01J\xfe\xff\xff\xffM,\x01eX\x01\x00\x00\x00b\x88N\x86u.";
+        let pickle =
+            b"\x80\x02}q\x00(X\x01\x00\x00\x00a]q\x01(K\x01J\xfe\xff\xff\xffM,\x01eX\x01\x00\x00\x00b\x88N\x86u.";
         let Ok(Value::Dict(d)) = run(pickle) else {
             panic!("expected a dict")
         };
@@ -1635,11 +1555,7 @@ mod tests {
         let Some(Value::List(l)) = d.get_str("a") else {
             panic!("expected a list")
         };
-        let ints: Vec<i64> = l
-            .borrow()
-            .iter()
-            .map(|v| v.as_int("x").unwrap_or(-1))
-            .collect();
+        let ints: Vec<i64> = l.borrow().iter().map(|v| v.as_int("x").unwrap_or(-1)).collect();
         assert_eq!(ints, [1, -2, 300]);
         assert!(matches!(d.get_str("b"), Some(Value::Tuple(t)) if t.len() == 2));
     }
@@ -1709,9 +1625,6 @@ mod tests {
         let values: Vec<f32> = Vec::try_from(t.view(-1)).unwrap_or_default();
         assert_eq!(values, [1.0, 3.0, 2.0, 4.0]);
         let too_far = TensorSpec { offset: 3, ..spec };
-        assert!(matches!(
-            build_tensor(&bytes, &too_far, false),
-            Err(BuildError::Bad(_))
-        ));
+        assert!(matches!(build_tensor(&bytes, &too_far, false), Err(BuildError::Bad(_))));
     }
 }

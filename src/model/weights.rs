@@ -119,7 +119,12 @@ impl WeightsMetadata {
             }
         };
         put(KEY_ARCHITECTURE, self.architecture.clone());
-        put(KEY_LABELS, self.labels.as_ref().map(|l| serde_json::Value::from(l.clone()).to_string()));
+        put(
+            KEY_LABELS,
+            self.labels
+                .as_ref()
+                .map(|l| serde_json::Value::from(l.clone()).to_string()),
+        );
         put(KEY_SOURCE, self.source.clone());
         put(KEY_SHA256, self.source_sha256.clone());
         put(KEY_CONFIG, self.config.as_ref().map(|c| c.to_string()));
@@ -162,10 +167,15 @@ pub fn read_metadata(path: &Path) -> Result<WeightsMetadata, WeightsError> {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    let io = |source| WeightsError::Io { path: path.to_path_buf(), source };
+    let io = |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut reader = BufReader::new(File::open(path).map_err(io)?);
     let mut len = [0u8; 8];
-    reader.read_exact(&mut len).map_err(|_| not_st("shorter than 8 bytes"))?;
+    reader
+        .read_exact(&mut len)
+        .map_err(|_| not_st("shorter than 8 bytes"))?;
     let len = u64::from_le_bytes(len);
     if len > MAX_HEADER_BYTES {
         return Err(not_st("header length is implausible"));
@@ -211,7 +221,10 @@ fn is_ignorable(key: &str) -> bool {
 /// ignored) and with `FrozenBatchNorm2d`. Tensors are converted to each variable's dtype and
 /// device.
 pub fn load_into(vs: &mut VarStore, path: &Path, policy: &LoadPolicy) -> Result<LoadReport, WeightsError> {
-    let torch = |source| WeightsError::Torch { path: path.to_path_buf(), source };
+    let torch = |source| WeightsError::Torch {
+        path: path.to_path_buf(),
+        source,
+    };
     // Check the header first so a non-safetensors file gets a helpful message.
     read_metadata(path)?;
     let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path).map_err(torch)?.into_iter().collect();
@@ -319,15 +332,23 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &WeightsMetadat
     use anyhow::Context;
     let owned: Vec<(String, TensorBytes)> = tensors
         .iter()
-        .map(|(k, t)| to_bytes(t).map(|b| (k.clone(), b)).map_err(|e| anyhow::anyhow!("tensor `{k}`: {e}")))
+        .map(|(k, t)| {
+            to_bytes(t)
+                .map(|b| (k.clone(), b))
+                .map_err(|e| anyhow::anyhow!("tensor `{k}`: {e}"))
+        })
         .collect::<anyhow::Result<_>>()?;
     let views: Vec<(&str, &TensorBytes)> = owned.iter().map(|(k, b)| (k.as_str(), b)).collect();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))?;
     safetensors::serialize_to_file(views, Some(metadata.to_header()), tmp.path())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("cannot move weights into {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot move weights into {}", path.display()))?;
     Ok(())
 }
 

@@ -68,8 +68,22 @@ pub struct ConvBn {
 
 impl ConvBn {
     #[allow(clippy::too_many_arguments)]
-    fn new(conv_path: nn::Path, bn_path: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, eps: f64) -> Self {
-        let cfg = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
+    fn new(
+        conv_path: nn::Path,
+        bn_path: nn::Path,
+        cin: i64,
+        cout: i64,
+        k: i64,
+        stride: i64,
+        padding: i64,
+        eps: f64,
+    ) -> Self {
+        let cfg = nn::ConvConfig {
+            stride,
+            padding,
+            bias: false,
+            ..Default::default()
+        };
         Self {
             conv: nn::conv2d(conv_path, cin, cout, k, cfg),
             bn: FrozenBatchNorm2d::new(bn_path, cout, eps),
@@ -113,8 +127,18 @@ impl Bottleneck {
             conv_bn1: ConvBn::new(p / "conv1", p / "bn1", inplanes, planes, 1, 1, 0, eps),
             conv_bn2: ConvBn::new(p / "conv2", p / "bn2", planes, planes, 3, stride, 1, eps),
             conv_bn3: ConvBn::new(p / "conv3", p / "bn3", planes, out, 1, 1, 0, eps),
-            downsample: downsample
-                .then(|| ConvBn::new(p / "downsample" / "0", p / "downsample" / "1", inplanes, out, 1, stride, 0, eps)),
+            downsample: downsample.then(|| {
+                ConvBn::new(
+                    p / "downsample" / "0",
+                    p / "downsample" / "1",
+                    inplanes,
+                    out,
+                    1,
+                    stride,
+                    0,
+                    eps,
+                )
+            }),
         }
     }
 

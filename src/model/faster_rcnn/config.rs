@@ -107,14 +107,29 @@ impl FasterRcnnConfig {
     /// Checks that the values make sense; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(bool, &str); 9] = [
-            (self.num_classes >= 2, "num_classes must be at least 2 (background + one class)"),
+            (
+                self.num_classes >= 2,
+                "num_classes must be at least 2 (background + one class)",
+            ),
             (self.min_size > 0, "min_size must be positive"),
             (self.max_size >= self.min_size, "max_size must be at least min_size"),
             (self.size_divisible > 0, "size_divisible must be positive"),
-            ((0.0..=1.0).contains(&self.box_score_thresh), "box_score_thresh must be in [0, 1]"),
-            ((0.0..=1.0).contains(&self.box_nms_thresh), "box_nms_thresh must be in [0, 1]"),
-            ((0.0..=1.0).contains(&self.rpn_nms_thresh), "rpn_nms_thresh must be in [0, 1]"),
-            (self.box_detections_per_img > 0, "box_detections_per_img must be positive"),
+            (
+                (0.0..=1.0).contains(&self.box_score_thresh),
+                "box_score_thresh must be in [0, 1]",
+            ),
+            (
+                (0.0..=1.0).contains(&self.box_nms_thresh),
+                "box_nms_thresh must be in [0, 1]",
+            ),
+            (
+                (0.0..=1.0).contains(&self.rpn_nms_thresh),
+                "rpn_nms_thresh must be in [0, 1]",
+            ),
+            (
+                self.box_detections_per_img > 0,
+                "box_detections_per_img must be positive",
+            ),
             (
                 self.rpn_pre_nms_top_n_test > 0 && self.rpn_post_nms_top_n_test > 0,
                 "rpn_pre_nms_top_n_test and rpn_post_nms_top_n_test must be positive",

@@ -19,16 +19,38 @@ pub struct Fpn {
 impl Fpn {
     /// Creates the FPN under `p` (torchvision `backbone.fpn`).
     pub fn new(p: &nn::Path, in_channels: &[i64]) -> Self {
-        let padded = nn::ConvConfig { padding: 1, ..Default::default() };
+        let padded = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
         let inner_blocks = in_channels
             .iter()
             .enumerate()
-            .map(|(i, &c)| nn::conv2d(p / "inner_blocks" / i.to_string() / "0", c, FPN_CHANNELS, 1, Default::default()))
+            .map(|(i, &c)| {
+                nn::conv2d(
+                    p / "inner_blocks" / i.to_string() / "0",
+                    c,
+                    FPN_CHANNELS,
+                    1,
+                    Default::default(),
+                )
+            })
             .collect();
         let layer_blocks = (0..in_channels.len())
-            .map(|i| nn::conv2d(p / "layer_blocks" / i.to_string() / "0", FPN_CHANNELS, FPN_CHANNELS, 3, padded))
+            .map(|i| {
+                nn::conv2d(
+                    p / "layer_blocks" / i.to_string() / "0",
+                    FPN_CHANNELS,
+                    FPN_CHANNELS,
+                    3,
+                    padded,
+                )
+            })
             .collect();
-        Self { inner_blocks, layer_blocks }
+        Self {
+            inner_blocks,
+            layer_blocks,
+        }
     }
 
     /// Stores the convolution weights channels-last (see [`super::backbone::to_channels_last`]).

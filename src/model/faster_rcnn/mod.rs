@@ -125,7 +125,11 @@ impl FasterRcnn {
     pub fn detect_traced(&self, images: &[Tensor]) -> InferenceTrace {
         let _guard = tch::no_grad_guard();
         if images.is_empty() {
-            return InferenceTrace { features: vec![], proposals: vec![], detections: vec![] };
+            return InferenceTrace {
+                features: vec![],
+                proposals: vec![],
+                detections: vec![],
+            };
         }
         let original_sizes: Vec<(i64, i64)> = images.iter().map(|t| (t.size()[1], t.size()[2])).collect();
         let mut batch = self.transform.batch(images);
@@ -154,12 +158,18 @@ impl FasterRcnn {
         let detections = raw
             .into_iter()
             .zip(batch.image_sizes.iter().zip(&original_sizes))
-            .map(|(RawDetections { boxes, scores, labels }, (&resized, &original))| Detections {
-                boxes: Transform::boxes_to_original(&boxes, resized, original),
-                scores,
-                labels,
-            })
+            .map(
+                |(RawDetections { boxes, scores, labels }, (&resized, &original))| Detections {
+                    boxes: Transform::boxes_to_original(&boxes, resized, original),
+                    scores,
+                    labels,
+                },
+            )
             .collect();
-        InferenceTrace { features, proposals: rpn.proposals, detections }
+        InferenceTrace {
+            features,
+            proposals: rpn.proposals,
+            detections,
+        }
     }
 }

@@ -209,7 +209,9 @@ impl RoiHeads {
                 let boxes = ops::clip_boxes_to_image(&pred_boxes.narrow(0, start, n), size);
                 let scores = pred_scores.narrow(0, start, n);
                 start += n;
-                let labels = Tensor::arange(num_classes, (Kind::Int64, device)).view([1, -1]).expand_as(&scores);
+                let labels = Tensor::arange(num_classes, (Kind::Int64, device))
+                    .view([1, -1])
+                    .expand_as(&scores);
                 let boxes = boxes.narrow(1, 1, num_classes - 1).reshape([-1, 4]);
                 let scores = scores.narrow(1, 1, num_classes - 1).reshape([-1]);
                 let labels = labels.narrow(1, 1, num_classes - 1).reshape([-1]);
@@ -228,5 +230,9 @@ impl RoiHeads {
 
 /// Selects the same rows of three tensors.
 pub(crate) fn select3(a: &Tensor, b: &Tensor, c: &Tensor, index: &Tensor) -> (Tensor, Tensor, Tensor) {
-    (a.index_select(0, index), b.index_select(0, index), c.index_select(0, index))
+    (
+        a.index_select(0, index),
+        b.index_select(0, index),
+        c.index_select(0, index),
+    )
 }

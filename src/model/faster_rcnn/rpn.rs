@@ -21,7 +21,10 @@ pub struct RpnHead {
 impl RpnHead {
     /// Creates the head under `p` (torchvision `rpn.head`).
     pub fn new(p: &nn::Path, channels: i64, num_anchors: i64) -> Self {
-        let padded = nn::ConvConfig { padding: 1, ..Default::default() };
+        let padded = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
         Self {
             conv: nn::conv2d(p / "conv" / "0" / "0", channels, channels, 3, padded),
             cls_logits: nn::conv2d(p / "cls_logits", channels, num_anchors, 1, Default::default()),
@@ -51,7 +54,10 @@ impl RpnHead {
 /// `[N, A*C, H, W]` to `[N, H*W*A, C]`, torchvision's `permute_and_flatten`.
 pub fn permute_and_flatten(layer: &Tensor, c: i64) -> Tensor {
     let (n, _, h, w) = layer.size4().unwrap_or((0, 0, 0, 0));
-    layer.view([n, -1, c, h, w]).permute([0, 3, 4, 1, 2]).reshape([n, -1, c])
+    layer
+        .view([n, -1, c, h, w])
+        .permute([0, 3, 4, 1, 2])
+        .reshape([n, -1, c])
 }
 
 /// Knobs of proposal selection (inference or training values).
@@ -116,7 +122,12 @@ impl RegionProposalNetwork {
             .decode(&pred_bbox_deltas.detach(), &all_anchors)
             .view([num_images, -1, 4]);
         let proposals = self.filter_proposals(&proposals, &objectness, image_sizes, &num_anchors_per_level, limits);
-        RpnOutput { proposals, anchors, objectness, pred_bbox_deltas }
+        RpnOutput {
+            proposals,
+            anchors,
+            objectness,
+            pred_bbox_deltas,
+        }
     }
 
     /// Top-n per level, clip, drop tiny and low-score boxes, per-level NMS, top-n overall.
@@ -161,4 +172,3 @@ impl RegionProposalNetwork {
             .collect()
     }
 }
-

@@ -43,10 +43,7 @@ impl Transform {
         let short = h.min(w) as f64;
         let long = h.max(w) as f64;
         let scale = (self.min_size as f64 / short).min(self.max_size as f64 / long);
-        (
-            ((h as f64) * scale).floor() as i64,
-            ((w as f64) * scale).floor() as i64,
-        )
+        (((h as f64) * scale).floor() as i64, ((w as f64) * scale).floor() as i64)
     }
 
     /// `(image - mean) / std` per channel, for a `[3, H, W]` float image in `[0, 1]`.
