@@ -56,26 +56,24 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErro
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    // The declared size is checked from the header alone, before any decoder allocates:
+    // some decoders read up to the pixel data before reporting dimensions.
+    if let Ok(size) = imagesize::blob_size(bytes) {
+        check_pixels(size.width as u64, size.height as u64, max_pixels)?;
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     if reader.format().is_none() {
         return Err(ImageError::UnknownFormat("unrecognised file signature".to_string()));
     }
+    // Second guard for formats imagesize does not know: the decoder's own allocation limit.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(16));
+    reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(classify)?;
     let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(ImageError::TooLarge {
-            width,
-            height,
-            pixels,
-            limit: max_pixels,
-        });
-    }
-    if pixels == 0 {
-        return Err(ImageError::Corrupt(format!("image declares {width}x{height} pixels")));
-    }
+    check_pixels(u64::from(width), u64::from(height), max_pixels)?;
     let orientation = decoder.orientation().ok();
     let mut image = DynamicImage::from_decoder(decoder).map_err(classify)?;
     if let Some(orientation) = orientation {
@@ -84,9 +82,27 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErro
     Ok(image.to_rgb8())
 }
 
+/// Refuses images above the pixel limit and images with no pixels.
+fn check_pixels(width: u64, height: u64, max_pixels: u64) -> Result<(), ImageError> {
+    let pixels = width.saturating_mul(height);
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge {
+            width: width.min(u32::MAX as u64) as u32,
+            height: height.min(u32::MAX as u64) as u32,
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    if pixels == 0 {
+        return Err(ImageError::Corrupt(format!("image declares {width}x{height} pixels")));
+    }
+    Ok(())
+}
+
 fn classify(e: image::ImageError) -> ImageError {
     match e {
         image::ImageError::Unsupported(u) => ImageError::UnknownFormat(u.to_string()),
+        image::ImageError::Limits(l) => ImageError::Corrupt(format!("decoding would exceed the memory limit: {l}")),
         other => ImageError::Corrupt(other.to_string()),
     }
 }

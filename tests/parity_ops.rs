@@ -16,17 +16,8 @@ use tch::{Kind, Tensor};
 /// reads the file itself).
 fn golden() -> HashMap<String, Tensor> {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    let path = PATH.get_or_init(|| {
-        let dir = common::root().join("target/test-reference");
-        std::fs::create_dir_all(&dir).expect("reference dir");
-        let out = dir.join("ops.safetensors");
-        common::run_python(
-            &common::root().join("tests/reference/ops_reference.py"),
-            &[out.to_str().unwrap()],
-        );
-        out
-    });
-    common::load_tensors(path)
+    let dir = PATH.get_or_init(|| common::cached_reference("tests/reference/ops_reference.py", "ops"));
+    common::load_tensors(&dir.join("ops.safetensors"))
 }
 
 thread_local! {

@@ -1,11 +1,12 @@
 """Golden outputs of torchvision.ops for the Rust ops parity test.
 
-Usage: python ops_reference.py OUT.safetensors
+Usage: python ops_reference.py OUT_DIR   (writes OUT_DIR/ops.safetensors)
 
 Random inputs with the awkward cases that break NMS and RoIAlign implementations: tied
 scores, zero-area and inverted boxes, boxes outside the feature map, empty inputs.
 """
 
+import os
 import sys
 
 import torch
@@ -21,7 +22,8 @@ def random_boxes(n, size, gen, degenerate=0.1):
     return torch.cat([xy, xy + wh], dim=1)
 
 
-def main(out):
+def main(out_dir):
+    out = os.path.join(out_dir, "ops.safetensors")
     gen = torch.Generator().manual_seed(1234)
     t = {}
     # nms: ties (scores rounded to 2 decimals), duplicates, degenerate boxes.
