@@ -32,7 +32,10 @@ fn case(name: &str) -> Case {
     let dir = common::faster_rcnn_reference();
     let text = std::fs::read_to_string(dir.join("cases.json")).expect("cases.json");
     let cases: Cases = serde_json::from_str(&text).expect("cases.json parses");
-    cases.cases.into_iter().find(|c| c.name == name).expect("case exists")
+    let mut case = cases.cases.into_iter().find(|c| c.name == name).expect("case exists");
+    // Relative paths are files the reference script generated into its folder.
+    case.images = case.images.iter().map(|p| dir.join(p)).collect();
+    case
 }
 
 /// How close to torchvision a run must be.

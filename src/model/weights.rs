@@ -347,6 +347,13 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &WeightsMetadat
     let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))?;
     safetensors::serialize_to_file(views, Some(metadata.to_header()), tmp.path())
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // Temporary files are private (0600); weights are read by other users and containers.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set permissions on {}", tmp.path().display()))?;
+    }
     tmp.persist(path)
         .with_context(|| format!("cannot move weights into {}", path.display()))?;
     Ok(())

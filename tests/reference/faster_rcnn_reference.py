@@ -124,14 +124,13 @@ def main(out_dir):
     save_file(state, os.path.join(out_dir, "weights.safetensors"))
     frozen = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     save_file(frozen, os.path.join(out_dir, "weights_frozen_bn.safetensors"))
-    small = os.path.join(out_dir, "small.png")
-    small_image(small)
+    small_image(os.path.join(out_dir, "small.png"))
     cases = [
         # A non-square photo at torchvision's defaults.
         {"name": "photo_default", "images": [os.path.join(SAMPLES, "coffee.png")],
          "min_size": 800, "max_size": 1333, "score_thresh": 0.02},
         # A small image the transform upscales 6.7x.
-        {"name": "small_upscaled", "images": [small],
+        {"name": "small_upscaled", "images": ["small.png"],
          "min_size": 320, "max_size": 1333, "score_thresh": 0.02},
         # Two differently sized images in one batch.
         {"name": "batch_two_sizes",
@@ -139,7 +138,8 @@ def main(out_dir):
          "min_size": 512, "max_size": 853, "score_thresh": 0.02},
     ]
     for case in cases:
-        images = [load(p) for p in case["images"]]
+        # Relative paths name files generated into OUT_DIR (the folder may be renamed later).
+        images = [load(os.path.join(out_dir, p)) for p in case["images"]]
         tensors = run_case(model, images, case["min_size"], case["max_size"], case["score_thresh"])
         save_file(tensors, os.path.join(out_dir, f"case_{case['name']}.safetensors"))
         counts = [int(tensors[f"scores.{i}"].numel()) for i in range(len(images))]
