@@ -12,11 +12,15 @@ use tch::{nn::VarStore, Device, Tensor};
 
 use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use crate::model::labels::{coco_labels, label_name};
+use crate::model::ssd_mobilenet_v2::{SsdConfig, SsdMobileNetV2};
 use crate::model::weights::{self, LoadPolicy, WeightsMetadata};
 use crate::preprocess::to_tensor;
 
 /// Architecture name of torchvision's Faster R-CNN ResNet-50 FPN (v1).
 pub const FASTERRCNN_RESNET50_FPN: &str = "fasterrcnn_resnet50_fpn";
+
+/// Architecture name of the TF Object Detection API's SSD MobileNetV2.
+pub const SSD_MOBILENET_V2: &str = "ssd_mobilenet_v2";
 
 /// Where `model fetch` and `model import` put weights unless told otherwise.
 pub const DEFAULT_MODEL_DIR: &str = "models";
@@ -47,9 +51,16 @@ pub struct ImageDetections {
     pub detections: Vec<Detection>,
 }
 
+/// The network a weights file holds, chosen by its `architecture` metadata.
+#[derive(Debug)]
+enum Network {
+    FasterRcnn(Box<FasterRcnn>),
+    Ssd(Box<SsdMobileNetV2>),
+}
+
 /// A model replica on one device, with its label map.
 pub struct Detector {
-    model: FasterRcnn,
+    network: Network,
     /// Owns the model's tensors; must live as long as `model`.
     _vs: VarStore,
     labels: Vec<String>,
@@ -71,6 +82,28 @@ pub fn default_weights_path() -> PathBuf {
     Path::new(DEFAULT_MODEL_DIR).join("fasterrcnn_resnet50_fpn_coco.safetensors")
 }
 
+/// The SSD MobileNetV2 COCO weights that `scripts/setup` converts (works offline).
+pub fn ssd_weights_path() -> PathBuf {
+    Path::new(DEFAULT_MODEL_DIR).join("ssd_mobilenet_v2_coco.safetensors")
+}
+
+/// The weights to use when none are named: the Faster R-CNN COCO checkpoint when it has
+/// been fetched or imported, else the SSD MobileNetV2 COCO model the set-up converts.
+pub fn resolve_default_weights() -> Result<PathBuf> {
+    [default_weights_path(), ssd_weights_path()]
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "no weights found ({} or {}): run `scripts/setup` (converts the offline SSD MobileNetV2 COCO \
+                 model), `attrstream model fetch fasterrcnn_resnet50_fpn_coco` (needs internet) or \
+                 `attrstream model import FILE.pth`",
+                default_weights_path().display(),
+                ssd_weights_path().display()
+            )
+        })
+}
+
 impl Detector {
     /// Loads weights written by `attrstream model import/fetch` (or any torchvision state dict
     /// saved as safetensors) onto `device`. `cfg` supplies inference knobs; the number of
@@ -85,49 +118,49 @@ impl Detector {
             );
         }
         let meta = weights::read_metadata(path)?;
-        if let Some(arch) = &meta.architecture {
-            if arch != FASTERRCNN_RESNET50_FPN {
-                bail!(
-                    "{} holds a `{arch}` model; this build runs {FASTERRCNN_RESNET50_FPN}",
-                    path.display()
-                );
-            }
-        }
         let labels = meta.labels.clone().unwrap_or_else(coco_labels);
-        cfg.num_classes = labels.len() as i64;
-        if let Some(config) = &meta.config {
-            cfg.apply_weights_config(config);
-        }
-        cfg.validate().map_err(anyhow::Error::msg)?;
         let mut vs = VarStore::new(device);
-        let mut model = FasterRcnn::new(&vs.root(), cfg);
-        weights::load_into(&mut vs, path, &LoadPolicy::default())?;
-        if !exact {
-            model.optimize_for_inference();
-        }
+        let network = match meta.architecture.as_deref().unwrap_or(FASTERRCNN_RESNET50_FPN) {
+            FASTERRCNN_RESNET50_FPN => {
+                cfg.num_classes = labels.len() as i64;
+                if let Some(config) = &meta.config {
+                    cfg.apply_weights_config(config);
+                }
+                cfg.validate().map_err(anyhow::Error::msg)?;
+                let mut model = FasterRcnn::new(&vs.root(), cfg);
+                weights::load_into(&mut vs, path, &LoadPolicy::default())?;
+                if !exact {
+                    model.optimize_for_inference();
+                }
+                Network::FasterRcnn(Box::new(model))
+            }
+            SSD_MOBILENET_V2 => {
+                let ssd_cfg = meta
+                    .config
+                    .as_ref()
+                    .map(SsdConfig::from_weights_config)
+                    .unwrap_or_default();
+                let mut model = SsdMobileNetV2::new(&vs.root(), ssd_cfg);
+                model.set_score_threshold(cfg.box_score_thresh);
+                weights::load_into(&mut vs, path, &LoadPolicy::default())?;
+                Network::Ssd(Box::new(model))
+            }
+            other => bail!(
+                "{} holds a `{other}` model; attrstream runs {FASTERRCNN_RESNET50_FPN} and {SSD_MOBILENET_V2}",
+                path.display()
+            ),
+        };
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         Ok(Self {
-            model,
+            network,
             _vs: vs,
             labels,
             name,
             device,
         })
-    }
-
-    /// A detector with freshly initialised (random) weights: for tests and benchmarks only.
-    pub fn from_var_store(vs: VarStore, model: FasterRcnn, labels: Vec<String>, name: &str) -> Self {
-        let device = vs.device();
-        Self {
-            model,
-            _vs: vs,
-            labels,
-            name: name.to_string(),
-            device,
-        }
     }
 
     /// Model name shown to users (the weights file stem).
@@ -140,9 +173,12 @@ impl Detector {
         self.device
     }
 
-    /// The underlying Faster R-CNN.
-    pub fn model(&self) -> &FasterRcnn {
-        &self.model
+    /// The architecture name, e.g. `fasterrcnn_resnet50_fpn`.
+    pub fn architecture(&self) -> &'static str {
+        match self.network {
+            Network::FasterRcnn(_) => FASTERRCNN_RESNET50_FPN,
+            Network::Ssd(_) => SSD_MOBILENET_V2,
+        }
     }
 
     /// The label map (index = class id).
@@ -153,16 +189,27 @@ impl Detector {
     /// Detects objects in a batch of images in one forward pass.
     pub fn detect(&self, images: &[RgbImage]) -> Result<Vec<ImageDetections>> {
         let tensors: Vec<Tensor> = images.iter().map(|im| to_tensor(im, self.device)).collect();
-        let raw = self.model.detect(&tensors);
+        let raw: Vec<(Tensor, Tensor, Tensor)> = match &self.network {
+            Network::FasterRcnn(m) => m
+                .detect(&tensors)
+                .into_iter()
+                .map(|d| (d.boxes, d.scores, d.labels))
+                .collect(),
+            Network::Ssd(m) => m
+                .detect(&tensors)
+                .into_iter()
+                .map(|d| (d.boxes, d.scores, d.labels))
+                .collect(),
+        };
         images
             .iter()
             .zip(raw)
-            .map(|(img, d)| {
+            .map(|(img, (d_boxes, d_scores, d_labels))| {
                 let (w, h) = img.dimensions();
-                let boxes = Vec::<f32>::try_from(&d.boxes.to_device(Device::Cpu).contiguous().view(-1))
+                let boxes = Vec::<f32>::try_from(&d_boxes.to_device(Device::Cpu).contiguous().view(-1))
                     .context("reading boxes")?;
-                let scores = Vec::<f32>::try_from(&d.scores.to_device(Device::Cpu)).context("reading scores")?;
-                let labels = Vec::<i64>::try_from(&d.labels.to_device(Device::Cpu)).context("reading labels")?;
+                let scores = Vec::<f32>::try_from(&d_scores.to_device(Device::Cpu)).context("reading scores")?;
+                let labels = Vec::<i64>::try_from(&d_labels.to_device(Device::Cpu)).context("reading labels")?;
                 let detections = scores
                     .iter()
                     .zip(&labels)

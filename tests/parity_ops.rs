@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 /// reads the file itself).
 fn golden() -> HashMap<String, Tensor> {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    let dir = PATH.get_or_init(|| common::cached_reference("tests/reference/ops_reference.py", "ops"));
+    let dir = PATH.get_or_init(|| common::cached_reference("tests/reference/ops_reference.py", "ops", &[]));
     common::load_tensors(&dir.join("ops.safetensors"))
 }
 

@@ -8,7 +8,7 @@ use image::RgbImage;
 use serde_json::json;
 
 use crate::cli::DetectArgs;
-use crate::detection::{default_weights_path, Detector};
+use crate::detection::{resolve_default_weights, Detector};
 use crate::model::faster_rcnn::FasterRcnnConfig;
 
 /// Runs detection; a file that cannot be read or decoded is reported and skipped, and the
@@ -21,9 +21,17 @@ pub fn run(args: DetectArgs) -> Result<ExitCode> {
         max_size: args.max_size,
         ..Default::default()
     };
-    let weights = args.weights.clone().unwrap_or_else(default_weights_path);
+    let weights = match &args.weights {
+        Some(w) => w.clone(),
+        None => resolve_default_weights()?,
+    };
     let detector = Detector::load(&weights, device, cfg, args.exact)?;
-    tracing::info!(model = detector.name(), device = ?device, "loaded detector");
+    eprintln!(
+        "attrstream: using {} ({}) on {}",
+        weights.display(),
+        detector.architecture(),
+        crate::device::device_name(device)
+    );
     if let Some(dir) = &args.annotate {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -80,6 +88,7 @@ fn detect_batch(detector: &Detector, pending: &mut Vec<(PathBuf, RgbImage)>, ann
         let mut record = json!({
             "image": path,
             "model": detector.name(),
+            "architecture": detector.architecture(),
             "width": result.width,
             "height": result.height,
             "detections": result.detections,

@@ -2,6 +2,7 @@
 //!
 //! * [`ops`]: nms, batched nms, roi_align, box coding, IoU (torchvision semantics).
 //! * [`faster_rcnn`]: Faster R-CNN ResNet-50 FPN, equal to torchvision's.
+//! * [`ssd_mobilenet_v2`]: SSD MobileNetV2 from the TF Object Detection API (offline default).
 //! * [`weights`]: safetensors loading with key/shape checks, and weight metadata.
 //! * [`labels`]: the COCO label map.
 //! * [`torch_pickle`]: reading `torch.save` checkpoints (zip and legacy) without Python.
@@ -13,5 +14,6 @@ pub mod fetch;
 pub mod import;
 pub mod labels;
 pub mod ops;
+pub mod ssd_mobilenet_v2;
 pub mod torch_pickle;
 pub mod weights;

@@ -49,11 +49,11 @@ pub fn run_python(script: &Path, args: &[&str]) {
 /// first to finish renames it into place.
 pub fn faster_rcnn_reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| cached_reference("tests/reference/faster_rcnn_reference.py", "faster_rcnn"))
+    DIR.get_or_init(|| cached_reference("tests/reference/faster_rcnn_reference.py", "faster_rcnn", &[]))
 }
 
-/// Runs `script OUT_DIR` once per script version and returns OUT_DIR.
-pub fn cached_reference(script: &str, name: &str) -> PathBuf {
+/// Runs `script OUT_DIR ARGS...` once per script version and returns OUT_DIR.
+pub fn cached_reference(script: &str, name: &str, args: &[&str]) -> PathBuf {
     let script = root().join(script);
     let text = std::fs::read(&script).unwrap_or_else(|e| panic!("read {}: {e}", script.display()));
     let stamp = format!("{:016x}", fnv1a(&text));
@@ -66,7 +66,9 @@ pub fn cached_reference(script: &str, name: &str) -> PathBuf {
     let partial = base.join(format!("{name}-{stamp}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).expect("create reference folder");
-    run_python(&script, &[partial.to_str().expect("utf-8 path")]);
+    let mut all_args = vec![partial.to_str().expect("utf-8 path")];
+    all_args.extend_from_slice(args);
+    run_python(&script, &all_args);
     std::fs::write(partial.join("complete"), b"").expect("mark reference complete");
     if std::fs::rename(&partial, &dir).is_err() {
         // Another process finished first; use its copy.
