@@ -108,7 +108,8 @@ impl Detector {
     /// Loads weights written by `attrstream model import/fetch` (or any torchvision state dict
     /// saved as safetensors) onto `device`. `cfg` supplies inference knobs; the number of
     /// classes comes from the weights' label map when it has one. `exact` keeps
-    /// torchvision's order of operations (see [`FasterRcnn::optimize_for_inference`]).
+    /// torchvision's order of operations for Faster R-CNN (see [`FasterRcnn::optimize_for_inference`]);
+    /// SSD has a single path.
     pub fn load(path: &Path, device: Device, mut cfg: FasterRcnnConfig, exact: bool) -> Result<Self> {
         if !path.exists() {
             bail!(

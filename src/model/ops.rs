@@ -125,8 +125,10 @@ pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold
     }
 }
 
-/// The per-class path of [`batched_nms`] (torchvision's `_batched_nms_vanilla`).
-fn batched_nms_per_class(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou: f64) -> Tensor {
+/// Class-aware NMS by running [`nms`] on each class separately (torchvision's
+/// `_batched_nms_vanilla`, the large-input path of [`batched_nms`]); exact for any
+/// coordinate range. Returns the kept indices sorted by decreasing score.
+pub fn batched_nms_per_class(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou: f64) -> Tensor {
     let device = boxes.device();
     let keep_mask = Tensor::zeros([scores.size()[0]], (Kind::Bool, device));
     let classes = idxs.unique_dim(0, true, false, false).0;

@@ -136,14 +136,23 @@ impl Conv {
         let (h, w) = (x.size()[2], x.size()[3]);
         let (top, bottom) = same_padding(h, k, self.stride);
         let (left, right) = same_padding(w, k, self.stride);
-        let x = if top + bottom + left + right > 0 {
-            x.constant_pad_nd([left, right, top, bottom])
+        // The symmetric part of the padding is the convolution's own; only the extra row and
+        // column TF adds at the bottom/right need an explicit pad.
+        let x = if bottom > top || right > left {
+            x.constant_pad_nd([0, right - left, 0, bottom - top])
         } else {
             x.shallow_clone()
         };
-        let y = x.conv2d(&self.weight, Some(&self.bias), [self.stride], [0], [1], self.groups);
+        let mut y = x.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [self.stride],
+            [top, left],
+            [1],
+            self.groups,
+        );
         if self.relu6 {
-            y.clamp(0.0, 6.0)
+            y.clamp_(0.0, 6.0)
         } else {
             y
         }
@@ -498,45 +507,30 @@ impl SsdMobileNetV2 {
     }
 
     fn postprocess(&self, decoded: &Tensor, scores: &Tensor, (height, width): (i64, i64)) -> SsdDetections {
-        let classes = self.cfg.num_classes;
-        let device = decoded.device();
+        let classes = self.cfg.num_classes - 1; // class 0 (background) never competes
         let clipped = decoded.clamp(0.0, 1.0);
         let area = (clipped.select(1, 2) - clipped.select(1, 0)) * (clipped.select(1, 3) - clipped.select(1, 1));
-        let mut kept_boxes = Vec::new();
-        let mut kept_scores = Vec::new();
-        let mut kept_labels = Vec::new();
-        for class in 1..classes {
-            let s = scores.select(1, class);
-            let idx = s
-                .gt(self.cfg.score_thresh)
-                .logical_and(&area.gt(0.0))
-                .nonzero()
-                .select(1, 0);
-            if idx.size()[0] == 0 {
-                continue;
-            }
-            let (b, s) = (clipped.index_select(0, &idx), s.index_select(0, &idx));
-            let keep = ops::nms(&b, &s, self.cfg.nms_thresh);
-            let keep = keep.narrow(0, 0, keep.size()[0].min(self.cfg.max_detections_per_class));
-            kept_labels.push(Tensor::full([keep.size()[0]], class, (Kind::Int64, device)));
-            kept_boxes.push(b.index_select(0, &keep));
-            kept_scores.push(s.index_select(0, &keep));
-        }
-        if kept_boxes.is_empty() {
-            return SsdDetections {
-                boxes: Tensor::zeros([0, 4], (Kind::Float, device)),
-                scores: Tensor::zeros([0], (Kind::Float, device)),
-                labels: Tensor::zeros([0], (Kind::Int64, device)),
-            };
-        }
+        // All (anchor, class) pairs above the threshold whose clipped box is not empty.
+        let class_scores = scores.narrow(1, 1, classes);
+        let pairs = class_scores
+            .gt(self.cfg.score_thresh)
+            .logical_and(&area.gt(0.0).unsqueeze(1))
+            .nonzero();
+        let anchor = pairs.select(1, 0);
+        let class = pairs.select(1, 1);
+        let boxes = clipped.index_select(0, &anchor);
+        let scores = class_scores
+            .reshape([-1])
+            .index_select(0, &(&anchor * classes + &class));
+        let labels = class + 1;
+        // Per-class NMS (exact in normalized coordinates), kept indices by decreasing score.
+        let keep = ops::batched_nms_per_class(&boxes, &scores, &labels, self.cfg.nms_thresh);
+        let keep = self.cap_per_class(&keep, &labels);
         let (boxes, scores, labels) = (
-            Tensor::cat(&kept_boxes, 0),
-            Tensor::cat(&kept_scores, 0),
-            Tensor::cat(&kept_labels, 0),
+            boxes.index_select(0, &keep),
+            scores.index_select(0, &keep),
+            labels.index_select(0, &keep),
         );
-        let (_, order) = scores.sort_stable(true, 0, true);
-        let order = order.narrow(0, 0, order.size()[0].min(self.cfg.max_detections));
-        let boxes = boxes.index_select(0, &order);
         // (ymin, xmin, ymax, xmax) normalized -> (x1, y1, x2, y2) pixels.
         let (w, h) = (width as f64, height as f64);
         let pixels = Tensor::stack(
@@ -550,8 +544,26 @@ impl SsdMobileNetV2 {
         );
         SsdDetections {
             boxes: pixels,
-            scores: scores.index_select(0, &order),
-            labels: labels.index_select(0, &order),
+            scores,
+            labels,
         }
+    }
+
+    /// Keeps at most `max_detections_per_class` per class and `max_detections` in all, from
+    /// indices already sorted by decreasing score.
+    fn cap_per_class(&self, keep: &Tensor, labels: &Tensor) -> Tensor {
+        let keep_v = Vec::<i64>::try_from(&keep.to_device(tch::Device::Cpu)).unwrap_or_default();
+        let labels_v = Vec::<i64>::try_from(&labels.to_device(tch::Device::Cpu)).unwrap_or_default();
+        let mut per_class = std::collections::HashMap::<i64, i64>::new();
+        let capped: Vec<i64> = keep_v
+            .into_iter()
+            .filter(|&k| {
+                let n = per_class.entry(labels_v[k as usize]).or_insert(0);
+                *n += 1;
+                *n <= self.cfg.max_detections_per_class
+            })
+            .take(self.cfg.max_detections.max(0) as usize)
+            .collect();
+        Tensor::from_slice(&capped).to_device(keep.device())
     }
 }

@@ -1,0 +1,88 @@
+//! SSD MobileNetV2 throughput: attrstream against OpenCV DNN running the same TF frozen graph,
+//! same images and thread count, one after the other in one run.
+//!
+//! Run: `scripts/bench-ssd` (or `cargo bench --bench ssd`). Environment: `BENCH_THREADS`
+//! (default 2), `BENCH_ROUNDS` (passes over the images, default 20). Both sides decode
+//! nothing inside the timed loop and run one image per pass, including resizing and
+//! post-processing. Needs `scripts/setup --test`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use attrstream::model::ssd_mobilenet_v2::{SsdConfig, SsdMobileNetV2};
+use attrstream::model::weights::{self, LoadPolicy};
+use attrstream::preprocess::{decode_image, to_tensor, DEFAULT_MAX_PIXELS};
+use tch::{nn::VarStore, Device, Tensor};
+
+const SAMPLES: [&str; 4] = ["coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg"];
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let threads = env_or("BENCH_THREADS", 2);
+    let rounds = env_or("BENCH_ROUNDS", 20);
+    let python = root.join(".venv/bin/python");
+    let weights_file = root.join("models/ssd_mobilenet_v2_coco.safetensors");
+    if !python.exists() || !weights_file.exists() {
+        eprintln!("run `scripts/setup --test` first (reference Python and converted SSD weights)");
+        std::process::exit(2);
+    }
+    let images: Vec<PathBuf> = SAMPLES.iter().map(|s| root.join("assets/samples").join(s)).collect();
+    let out = Command::new(&python)
+        .arg(root.join("benches/opencv_ssd.py"))
+        .arg(root.join(".cache/ssd_mobilenet_v2"))
+        .arg(threads.to_string())
+        .arg(rounds.to_string())
+        .args(&images)
+        .output()
+        .expect("run OpenCV benchmark");
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        std::process::exit(1);
+    }
+    let reference: serde_json::Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).expect("OpenCV benchmark prints JSON");
+    let theirs = reference["imgs_per_s"].as_f64().unwrap_or(f64::NAN);
+
+    tch::set_num_threads(threads as i32);
+    let meta = weights::read_metadata(&weights_file).expect("metadata");
+    let cfg = meta
+        .config
+        .as_ref()
+        .map(SsdConfig::from_weights_config)
+        .unwrap_or_default();
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = SsdMobileNetV2::new(&vs.root(), cfg);
+    weights::load_into(&mut vs, &weights_file, &LoadPolicy::default()).expect("load SSD weights");
+    let tensors: Vec<Tensor> = images
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).expect("read sample");
+            to_tensor(
+                &decode_image(&bytes, DEFAULT_MAX_PIXELS).expect("decode sample"),
+                Device::Cpu,
+            )
+        })
+        .collect();
+    for t in &tensors {
+        model.detect(std::slice::from_ref(t));
+    }
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for t in &tensors {
+            model.detect(std::slice::from_ref(t));
+        }
+    }
+    let ours = (rounds * tensors.len()) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "threads {threads}, {rounds} rounds over {} images, OpenCV {}",
+        tensors.len(),
+        reference["opencv"]
+    );
+    println!("{:>16} {:>16} {:>8}", "opencv imgs/s", "attrstream imgs/s", "ratio");
+    println!("{theirs:>16.2} {ours:>16.2} {:>8.3}", ours / theirs);
+}
