@@ -28,26 +28,30 @@ pub fn annotate(image: &RgbImage, detections: &[Detection]) -> RgbImage {
     let (w, h) = out.dimensions();
     // Scale line width and text with the image so tags stay legible on large photos.
     let scale = ((w.max(h) as f32 / 640.0).round() as u32).clamp(1, 4);
+    let colour_of = |d: &Detection| Rgb(PALETTE[d.label_id.unsigned_abs() as usize % PALETTE.len()]);
     for d in detections {
-        let colour = Rgb(PALETTE[d.label_id.unsigned_abs() as usize % PALETTE.len()]);
         let [x1, y1, x2, y2] = d.box_px.map(|v| v.round() as i32);
         for t in 0..(2 * scale as i32) {
             let (bw, bh) = ((x2 - x1 - 2 * t).max(1) as u32, (y2 - y1 - 2 * t).max(1) as u32);
-            draw_hollow_rect_mut(&mut out, Rect::at(x1 + t, y1 + t).of_size(bw, bh), colour);
+            draw_hollow_rect_mut(&mut out, Rect::at(x1 + t, y1 + t).of_size(bw, bh), colour_of(d));
         }
+    }
+    // Tags after all boxes, lowest score first, so the most confident tag ends up on top.
+    for d in detections.iter().rev() {
+        let [x1, y1, _, _] = d.box_px.map(|v| v.round() as i32);
         let text = format!("{} {:.2}", d.label, d.score);
         let glyph = 8 * scale;
         let tag_w = glyph * text.chars().count() as u32 + 2 * scale;
         let tag_h = glyph + 2 * scale;
         let tag_y = if y1 >= tag_h as i32 { y1 - tag_h as i32 } else { y1 };
-        draw_filled_rect_mut(&mut out, Rect::at(x1, tag_y).of_size(tag_w, tag_h), colour);
+        draw_filled_rect_mut(&mut out, Rect::at(x1, tag_y).of_size(tag_w, tag_h), colour_of(d));
         draw_text(
             &mut out,
             x1 + scale as i32,
             tag_y + scale as i32,
             scale,
             &text,
-            Rgb([255, 255, 255]),
+            Rgb([0, 0, 0]),
         );
     }
     out
