@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use attrstream::model::ssd_mobilenet_v2::{SsdConfig, SsdMobileNetV2};
-use attrstream::model::weights::{self, LoadPolicy};
+use attrstream::model::ssd_mobilenet_v2::SsdMobileNetV2;
 use attrstream::preprocess::{decode_image, to_tensor, DEFAULT_MAX_PIXELS};
-use tch::{nn::VarStore, Device, Tensor};
+use tch::{Device, Tensor};
 
 const SAMPLES: [&str; 4] = ["coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg"];
 
@@ -49,15 +48,7 @@ fn main() {
     let theirs = reference["imgs_per_s"].as_f64().unwrap_or(f64::NAN);
 
     tch::set_num_threads(threads as i32);
-    let meta = weights::read_metadata(&weights_file).expect("metadata");
-    let cfg = meta
-        .config
-        .as_ref()
-        .map(SsdConfig::from_weights_config)
-        .unwrap_or_default();
-    let mut vs = VarStore::new(Device::Cpu);
-    let model = SsdMobileNetV2::new(&vs.root(), cfg);
-    weights::load_into(&mut vs, &weights_file, &LoadPolicy::default()).expect("load SSD weights");
+    let (_vs, model) = SsdMobileNetV2::load(&weights_file, Device::Cpu).expect("load SSD weights");
     let tensors: Vec<Tensor> = images
         .iter()
         .map(|p| {

@@ -12,7 +12,7 @@ use tch::{nn::VarStore, Device, Tensor};
 
 use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use crate::model::labels::{coco_labels, label_name};
-use crate::model::ssd_mobilenet_v2::{SsdConfig, SsdMobileNetV2};
+use crate::model::ssd_mobilenet_v2::SsdMobileNetV2;
 use crate::model::weights::{self, LoadPolicy, WeightsMetadata};
 use crate::preprocess::to_tensor;
 
@@ -120,9 +120,9 @@ impl Detector {
         }
         let meta = weights::read_metadata(path)?;
         let labels = meta.labels.clone().unwrap_or_else(coco_labels);
-        let mut vs = VarStore::new(device);
-        let network = match meta.architecture.as_deref().unwrap_or(FASTERRCNN_RESNET50_FPN) {
+        let (vs, network) = match meta.architecture.as_deref().unwrap_or(FASTERRCNN_RESNET50_FPN) {
             FASTERRCNN_RESNET50_FPN => {
+                let mut vs = VarStore::new(device);
                 cfg.num_classes = labels.len() as i64;
                 if let Some(config) = &meta.config {
                     cfg.apply_weights_config(config);
@@ -133,18 +133,12 @@ impl Detector {
                 if !exact {
                     model.optimize_for_inference();
                 }
-                Network::FasterRcnn(Box::new(model))
+                (vs, Network::FasterRcnn(Box::new(model)))
             }
             SSD_MOBILENET_V2 => {
-                let ssd_cfg = meta
-                    .config
-                    .as_ref()
-                    .map(SsdConfig::from_weights_config)
-                    .unwrap_or_default();
-                let mut model = SsdMobileNetV2::new(&vs.root(), ssd_cfg);
+                let (vs, mut model) = SsdMobileNetV2::load(path, device)?;
                 model.set_score_threshold(cfg.box_score_thresh);
-                weights::load_into(&mut vs, path, &LoadPolicy::default())?;
-                Network::Ssd(Box::new(model))
+                (vs, Network::Ssd(Box::new(model)))
             }
             other => bail!(
                 "{} holds a `{other}` model; attrstream runs {FASTERRCNN_RESNET50_FPN} and {SSD_MOBILENET_V2}",

@@ -11,8 +11,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use attrstream::model::ssd_mobilenet_v2::{SsdConfig, SsdDetections, SsdMobileNetV2};
-use attrstream::model::weights::{self, LoadPolicy};
+use attrstream::model::ssd_mobilenet_v2::{SsdDetections, SsdMobileNetV2};
 use attrstream::preprocess::{decode_image, to_tensor, DEFAULT_MAX_PIXELS};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -55,17 +54,7 @@ fn reference_dir() -> &'static PathBuf {
 }
 
 fn model() -> (VarStore, SsdMobileNetV2) {
-    let path = weights_file();
-    let meta = weights::read_metadata(&path).expect("metadata");
-    let cfg = meta
-        .config
-        .as_ref()
-        .map(SsdConfig::from_weights_config)
-        .unwrap_or_default();
-    let mut vs = VarStore::new(Device::Cpu);
-    let model = SsdMobileNetV2::new(&vs.root(), cfg);
-    weights::load_into(&mut vs, &path, &LoadPolicy::default()).expect("SSD weights load");
-    (vs, model)
+    SsdMobileNetV2::load(&weights_file(), Device::Cpu).expect("SSD weights load")
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
 use crate::model::ops;
+use crate::model::weights::{self, LoadPolicy, WeightsError};
 
 /// Settings of the SSD MobileNetV2 COCO model (values from its pipeline config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -404,6 +405,21 @@ impl SsdMobileNetV2 {
             predictors,
             cfg,
         }
+    }
+
+    /// Loads converted weights (`scripts/ssd/convert_ssd_mobilenet_v2.py`) onto `device`,
+    /// with the settings from their metadata. The `VarStore` owns the tensors: keep it alive.
+    pub fn load(path: &std::path::Path, device: tch::Device) -> Result<(nn::VarStore, Self), WeightsError> {
+        let meta = weights::read_metadata(path)?;
+        let cfg = meta
+            .config
+            .as_ref()
+            .map(SsdConfig::from_weights_config)
+            .unwrap_or_default();
+        let mut vs = nn::VarStore::new(device);
+        let model = Self::new(&vs.root(), cfg);
+        weights::load_into(&mut vs, path, &LoadPolicy::default())?;
+        Ok((vs, model))
     }
 
     /// The configuration.
