@@ -8,36 +8,24 @@
 //! convolutions), with the ratios ours / torchvision, for min_size 512 and 800, batch 1
 //! and 4. Needs the reference Python environment (`scripts/setup --test`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use attrstream::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use attrstream::model::weights::{self, LoadPolicy};
-use attrstream::preprocess::{decode_image, to_tensor, DEFAULT_MAX_PIXELS};
 use tch::{nn::VarStore, Device, Tensor};
 
-const SAMPLES: [&str; 4] = ["coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg"];
+mod common;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use common::{env_or, python, root, sample_paths, sample_tensors};
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let threads = env_or("BENCH_THREADS", 2);
     let rounds = env_or("BENCH_ROUNDS", 2);
-    let python = std::env::var_os("ATTRSTREAM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv/bin/python"));
-    if !python.exists() {
-        eprintln!(
-            "reference Python {} not found: run `scripts/setup --test`",
-            python.display()
-        );
-        std::process::exit(2);
-    }
-    let images: Vec<PathBuf> = SAMPLES.iter().map(|s| root.join("assets/samples").join(s)).collect();
+    let python = python();
+    let images = sample_paths();
     let dir = tempfile::tempdir().expect("temp dir");
     let weights_file = dir.path().join("weights.safetensors");
 
@@ -63,16 +51,7 @@ fn main() {
         .collect();
 
     tch::set_num_threads(threads as i32);
-    let tensors: Vec<Tensor> = images
-        .iter()
-        .map(|p| {
-            let bytes = std::fs::read(p).expect("read sample");
-            to_tensor(
-                &decode_image(&bytes, DEFAULT_MAX_PIXELS).expect("decode sample"),
-                Device::Cpu,
-            )
-        })
-        .collect();
+    let tensors = sample_tensors();
     println!(
         "{:<9} {:>5} {:>14} {:>14} {:>8} {:>14} {:>8}",
         "min_size", "batch", "torchvision/s", "exact/s", "ratio", "fast/s", "ratio"

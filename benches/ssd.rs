@@ -6,31 +6,27 @@
 //! nothing inside the timed loop and run one image per pass, including resizing and
 //! post-processing. Needs `scripts/setup --test`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use attrstream::model::ssd_mobilenet_v2::SsdMobileNetV2;
-use attrstream::preprocess::{decode_image, to_tensor, DEFAULT_MAX_PIXELS};
-use tch::{Device, Tensor};
+use tch::Device;
 
-const SAMPLES: [&str; 4] = ["coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg"];
+mod common;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use common::{env_or, python, root, sample_paths, sample_tensors};
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let threads = env_or("BENCH_THREADS", 2);
     let rounds = env_or("BENCH_ROUNDS", 20);
-    let python = root.join(".venv/bin/python");
+    let python = python();
     let weights_file = root.join("models/ssd_mobilenet_v2_coco.safetensors");
-    if !python.exists() || !weights_file.exists() {
-        eprintln!("run `scripts/setup --test` first (reference Python and converted SSD weights)");
+    if !weights_file.exists() {
+        eprintln!("{} not found: run `scripts/setup`", weights_file.display());
         std::process::exit(2);
     }
-    let images: Vec<PathBuf> = SAMPLES.iter().map(|s| root.join("assets/samples").join(s)).collect();
+    let images = sample_paths();
     let out = Command::new(&python)
         .arg(root.join("benches/opencv_ssd.py"))
         .arg(root.join(".cache/ssd_mobilenet_v2"))
@@ -49,16 +45,7 @@ fn main() {
 
     tch::set_num_threads(threads as i32);
     let (_vs, model) = SsdMobileNetV2::load(&weights_file, Device::Cpu).expect("load SSD weights");
-    let tensors: Vec<Tensor> = images
-        .iter()
-        .map(|p| {
-            let bytes = std::fs::read(p).expect("read sample");
-            to_tensor(
-                &decode_image(&bytes, DEFAULT_MAX_PIXELS).expect("decode sample"),
-                Device::Cpu,
-            )
-        })
-        .collect();
+    let tensors = sample_tensors();
     for t in &tensors {
         model.detect(std::slice::from_ref(t));
     }
