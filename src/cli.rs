@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 
 /// Turns product photos into product attributes.
 #[derive(Debug, Parser)]
-#[command(name = "attrstream", version, about)]
+#[command(
+    name = "attrstream",
+    version,
+    about = "Turns product photos into product attributes: object detection (Faster R-CNN ResNet-50 FPN, SSD MobileNetV2) on libtorch"
+)]
 pub struct Cli {
     /// CPU threads for libtorch (0 = libtorch's default, one per core).
     #[arg(long, global = true, env = "ATTRSTREAM_THREADS", default_value_t = 0)]
