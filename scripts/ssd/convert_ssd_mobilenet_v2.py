@@ -40,21 +40,21 @@ SOURCE = (
 )
 EXPECTED_SHA256 = "2a8d8a89d695842e60d8c6d144181100555563e21acf2fa1e8f561fec5c3c6ad"
 
-# torchvision's _COCO_CATEGORIES == src/model/labels.rs: index = COCO category id, 0 = background.
-COCO_LABELS = [
-    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
-    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
-    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
-    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
-    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]
-assert len(COCO_LABELS) == 91
+LABELS_RS = os.path.join(HERE, "..", "..", "src", "model", "labels.rs")
+
+
+def coco_labels():
+    """The 91 COCO label names (index = COCO category id, 0 = background, "N/A" for unused
+    ids), read from src/model/labels.rs, the project's single copy of torchvision's
+    _COCO_CATEGORIES."""
+    with open(LABELS_RS) as fh:
+        text = fh.read()
+    body = text[text.index("COCO_CATEGORIES"):]
+    body = body[body.index("[", body.index("=")) + 1: body.index("];")]
+    labels = re.findall(r'"((?:[^"\\]|\\.)*)"', body)
+    if len(labels) != 91 or labels[0] != "__background__":
+        raise ValueError(f"{LABELS_RS}: expected 91 COCO labels starting with __background__")
+    return labels
 
 FEATURE_SCOPE = "FeatureExtractor/MobilenetV2/"
 PREDICTOR_RE = re.compile(r"^BoxPredictor_\d+/(BoxEncodingPredictor|ClassPredictor)$")
@@ -406,16 +406,6 @@ def main():
     for fm, s in zip(cfg["feature_maps"], sizes):
         fm["size"] = s
 
-    labels_rs = os.path.join(HERE, "..", "..", "src", "model", "labels.rs")
-    if os.path.exists(labels_rs):
-        with open(labels_rs) as fh:
-            text = fh.read()
-        body = text[text.index("COCO_CATEGORIES"):]
-        body = body[body.index("[", body.index("=")) + 1: body.index("];")]
-        rs_labels = re.findall(r'"((?:[^"\\]|\\.)*)"', body)
-        if rs_labels != COCO_LABELS:
-            raise ValueError("COCO_LABELS differ from src/model/labels.rs")
-
     checked = None
     if not args.no_opencv_check:
         try:
@@ -427,7 +417,7 @@ def main():
 
     metadata = {
         "attrstream.architecture": "ssd_mobilenet_v2",
-        "attrstream.labels": json.dumps(COCO_LABELS),
+        "attrstream.labels": json.dumps(coco_labels()),
         "attrstream.source": SOURCE,
         "attrstream.source_sha256": digest,
         "attrstream.config": json.dumps(cfg, sort_keys=True),
