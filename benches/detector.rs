@@ -13,8 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use attrstream::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
-use attrstream::model::weights::{self, LoadPolicy};
-use tch::{nn::VarStore, Device, Tensor};
+use tch::{Device, Tensor};
 
 mod common;
 
@@ -78,12 +77,7 @@ fn measure(weights_file: &Path, min_size: i64, batch: usize, rounds: usize, imag
         box_score_thresh: 0.05,
         ..Default::default()
     };
-    let mut vs = VarStore::new(Device::Cpu);
-    let mut model = FasterRcnn::new(&vs.root(), cfg);
-    weights::load_into(&mut vs, weights_file, &LoadPolicy::default()).expect("load weights");
-    if fast {
-        model.optimize_for_inference();
-    }
+    let (_vs, model) = FasterRcnn::load(weights_file, Device::Cpu, cfg, fast).expect("load weights");
     let batches: Vec<&[Tensor]> = images.chunks(batch).collect();
     model.detect(batches[0]);
     let start = Instant::now();

@@ -13,7 +13,7 @@ use tch::{nn::VarStore, Device, Tensor};
 use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use crate::model::labels::{coco_labels, label_name};
 use crate::model::ssd_mobilenet_v2::SsdMobileNetV2;
-use crate::model::weights::{self, LoadPolicy, WeightsMetadata};
+use crate::model::weights::{self, WeightsMetadata};
 use crate::preprocess::to_tensor;
 
 /// Architecture name of torchvision's Faster R-CNN ResNet-50 FPN (v1).
@@ -122,17 +122,12 @@ impl Detector {
         let labels = meta.labels.clone().unwrap_or_else(coco_labels);
         let (vs, network) = match meta.architecture.as_deref().unwrap_or(FASTERRCNN_RESNET50_FPN) {
             FASTERRCNN_RESNET50_FPN => {
-                let mut vs = VarStore::new(device);
                 cfg.num_classes = labels.len() as i64;
                 if let Some(config) = &meta.config {
                     cfg.apply_weights_config(config);
                 }
                 cfg.validate().map_err(anyhow::Error::msg)?;
-                let mut model = FasterRcnn::new(&vs.root(), cfg);
-                weights::load_into(&mut vs, path, &LoadPolicy::default())?;
-                if !exact {
-                    model.optimize_for_inference();
-                }
+                let (vs, model) = FasterRcnn::load(path, device, cfg, !exact)?;
                 (vs, Network::FasterRcnn(Box::new(model)))
             }
             SSD_MOBILENET_V2 => {

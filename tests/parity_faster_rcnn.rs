@@ -77,13 +77,7 @@ fn model(weights_file: &Path, case: &Case, fuse: bool) -> (VarStore, FasterRcnn)
         box_score_thresh: case.score_thresh,
         ..Default::default()
     };
-    let mut vs = VarStore::new(Device::Cpu);
-    let mut model = FasterRcnn::new(&vs.root(), cfg);
-    weights::load_into(&mut vs, weights_file, &LoadPolicy::default()).expect("weights load");
-    if fuse {
-        model.optimize_for_inference();
-    }
-    (vs, model)
+    FasterRcnn::load(weights_file, Device::Cpu, cfg, fuse).expect("weights load")
 }
 
 fn run(model: &FasterRcnn, case: &Case) -> InferenceTrace {

@@ -83,6 +83,24 @@ impl FasterRcnn {
         }
     }
 
+    /// Builds the model on `device` and loads a weights file into it (strict key and shape
+    /// checks). `fast` switches to the fast inference path
+    /// ([`FasterRcnn::optimize_for_inference`]). The `VarStore` owns the tensors: keep it alive.
+    pub fn load(
+        path: &std::path::Path,
+        device: tch::Device,
+        cfg: FasterRcnnConfig,
+        fast: bool,
+    ) -> Result<(nn::VarStore, Self), crate::model::weights::WeightsError> {
+        let mut vs = nn::VarStore::new(device);
+        let mut model = Self::new(&vs.root(), cfg);
+        crate::model::weights::load_into(&mut vs, path, &Default::default())?;
+        if fast {
+            model.optimize_for_inference();
+        }
+        Ok((vs, model))
+    }
+
     /// The configuration this model was built with.
     pub fn config(&self) -> &FasterRcnnConfig {
         &self.cfg
