@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use tch::{nn::VarStore, Device, Tensor};
+use tch::{Device, Tensor};
 
 use crate::detection::FASTERRCNN_RESNET50_FPN;
 use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use crate::model::labels::coco_labels;
 use crate::model::torch_pickle::{self, TorchFormat};
-use crate::model::weights::{self, LoadPolicy, WeightsMetadata};
+use crate::model::weights::{self, WeightsMetadata};
 
 /// State-dict key whose first dimension is the number of classes of a Faster R-CNN.
 const CLASS_SCORE_KEY: &str = "roi_heads.box_predictor.cls_score.weight";
@@ -319,9 +319,7 @@ pub fn verify_faster_rcnn(path: &Path, num_classes: usize) -> Result<()> {
         ..Default::default()
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
-    let mut vs = VarStore::new(Device::Cpu);
-    let _model = FasterRcnn::new(&vs.root(), cfg);
-    weights::load_into(&mut vs, path, &LoadPolicy::default())?;
+    FasterRcnn::load(path, Device::Cpu, cfg, false)?;
     Ok(())
 }
 
