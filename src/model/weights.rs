@@ -358,10 +358,3 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &WeightsMetadat
         .with_context(|| format!("cannot move weights into {}", path.display()))?;
     Ok(())
 }
-
-/// Saves all variables of a `VarStore` with metadata.
-pub fn save_var_store(vs: &VarStore, path: &Path, metadata: &WeightsMetadata) -> anyhow::Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    save(path, &tensors, metadata)
-}

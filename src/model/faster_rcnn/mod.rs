@@ -106,17 +106,6 @@ impl FasterRcnn {
         &self.cfg
     }
 
-    /// Changes the post-processing knobs (score and NMS thresholds, detections per image,
-    /// RPN top-n, image sizes) without touching the weights.
-    pub fn set_inference_options(&mut self, cfg: FasterRcnnConfig) {
-        self.transform = Transform::new(&cfg);
-        self.cfg = FasterRcnnConfig {
-            num_classes: self.cfg.num_classes,
-            frozen_bn_eps: self.cfg.frozen_bn_eps,
-            ..cfg
-        };
-    }
-
     /// Switches to the fast inference path: frozen batch norm folded into the convolutions
     /// and every convolution run channels-last. Call after loading weights; do not train
     /// the model afterwards.

@@ -97,10 +97,4 @@ impl Transform {
         let ratios = Tensor::from_slice(&[ratio_w, ratio_h, ratio_w, ratio_h]).to_device(boxes.device());
         boxes * ratios.view([1, 4])
     }
-
-    /// Scales `[N, 4]` boxes from original image coordinates into resized ones (training
-    /// targets).
-    pub fn boxes_to_resized(boxes: &Tensor, original: (i64, i64), resized: (i64, i64)) -> Tensor {
-        Self::boxes_to_original(boxes, original, resized)
-    }
 }
