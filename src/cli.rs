@@ -29,6 +29,127 @@ pub enum Command {
     Detect(DetectArgs),
     /// Get model weights: download known checkpoints, convert PyTorch checkpoints, list them.
     Model(ModelArgs),
+    /// Run the streaming service: consume ProductImageEvents, publish ProductAttributes.
+    Serve(ServeArgs),
+    /// Try attrstream without Kafka: an in-process broker, the sample photos as events, the
+    /// serve pipeline, the attribute records printed as they arrive, annotated images written.
+    Demo(DemoArgs),
+    /// Publish local images as ProductImageEvents (inline bytes or file URIs) to a topic.
+    Publish(PublishArgs),
+    /// Print the records of an output or dead-letter topic as JSON lines.
+    Tail(TailArgs),
+}
+
+/// Where the service configuration comes from; shared by serve, publish and tail.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file (see deploy/config/attrstream.toml for every key).
+    #[arg(long, short = 'c', env = "ATTRSTREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override any configuration key: --set batch.max_batch_size=16 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = crate::config::parse_set_arg)]
+    pub set: Vec<(String, String)>,
+    /// librdkafka property for every client: --kafka-option security.protocol=SASL_SSL (repeatable).
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = crate::config::parse_set_arg)]
+    pub kafka_options: Vec<(String, String)>,
+    /// Shorthand for --set kafka.bootstrap_servers=...
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Shorthand for --set kafka.group_id=...
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Shorthand for --set kafka.input_topic=...
+    #[arg(long)]
+    pub input_topic: Option<String>,
+    /// Shorthand for --set kafka.output_topic=...
+    #[arg(long)]
+    pub output_topic: Option<String>,
+    /// Shorthand for --set kafka.dead_letter_topic=...
+    #[arg(long)]
+    pub dead_letter_topic: Option<String>,
+    /// Shorthand for --set schemas.registry_url=...
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Inference devices, one worker each, comma-separated (cpu, cuda:0, cuda:0,cuda:1, …).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Shorthand for --set model.weights=...
+    #[arg(long, env = "ATTRSTREAM_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+}
+
+/// Arguments of `attrstream serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration sources.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// Arguments of `attrstream demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Images to publish [default: the sample photos in assets/samples].
+    pub images: Vec<PathBuf>,
+    /// Folder for annotated images and the records as JSON lines.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+    /// Inference devices, comma-separated [default: every CUDA device, else cpu].
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Weights [default: Faster R-CNN COCO if fetched, else the offline SSD MobileNetV2].
+    #[arg(long, env = "ATTRSTREAM_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Also publish two broken events (a corrupt image and a URL the SSRF guard refuses) to
+    /// show the dead-letter topic.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub with_bad_events: bool,
+    /// Give up if the records have not all arrived after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
+}
+
+/// Arguments of `attrstream publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Configuration sources (brokers, schemas; the topic defaults to kafka.input_topic).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Image files to publish, one event each.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Topic to publish to [default: kafka.input_topic].
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Send absolute file:// URIs instead of the bytes (the service needs fetch.file_root).
+    #[arg(long)]
+    pub uri: bool,
+    /// Product id of every event [default: the file stem].
+    #[arg(long)]
+    pub product_id: Option<String>,
+}
+
+/// Arguments of `attrstream tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Configuration sources (brokers, schemas; the topic defaults to kafka.output_topic).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Topic to read [default: kafka.output_topic, or kafka.dead_letter_topic with --dead-letters].
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Read dead letters instead of attribute records.
+    #[arg(long)]
+    pub dead_letters: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub max: Option<u64>,
+    /// Stop when no record arrived for this many seconds (0 = follow forever).
+    #[arg(long, default_value_t = 0)]
+    pub idle_exit_secs: u64,
 }
 
 /// Arguments of `attrstream detect`.

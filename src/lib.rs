@@ -8,11 +8,33 @@
 //! * [`model`]: the detectors (Faster R-CNN ResNet-50 FPN), their ops and weights.
 //! * [`detection`]: a loaded detector on one device and the detections users consume.
 //! * [`annotate`]: drawing detections onto images.
+//! * [`events`]: the Kafka contracts: records, Avro codec, Confluent framing, schema registry.
+//! * [`fetch`]: image fetching (inline, file, http(s), s3) with limits, retries and an SSRF guard.
+//! * [`config`]: the service settings (TOML file, `ATTRSTREAM_*__*` environment, CLI) and validation.
+//! * [`source`]: the Kafka consumer thread and the per-partition offset tracker (at-least-once).
+//! * [`batcher`]: dynamic batching (max size, max wait, pixel budget, eager when a worker idles).
+//! * [`workers`]: one inference thread per device with its own model replica; restart on failure.
+//! * [`sink`]: producing attribute records and dead letters; completions after broker acks.
+//! * [`pipeline`]: the serve pipeline wired end to end.
+//! * [`serve`]: what `serve` and `demo` share: config from the CLI, detector workers, signals.
+//! * [`embedded_broker`]: the in-process Kafka-protocol broker for `demo`, tests and benchmarks.
+//! * [`attributes`]: detections → aggregated product attributes (labels, main object, colours).
 
 pub mod annotate;
+pub mod attributes;
+pub mod batcher;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod detection;
 pub mod device;
+pub mod embedded_broker;
+pub mod events;
+pub mod fetch;
 pub mod model;
+pub mod pipeline;
 pub mod preprocess;
+pub mod serve;
+pub mod sink;
+pub mod source;
+pub mod workers;

@@ -7,36 +7,6 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-/// A PNG whose header declares `width` x `height` pixels, with no pixel data behind it.
-fn png_header_only(width: u32, height: u32) -> Vec<u8> {
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(b"IHDR");
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
-    let crc = crc32(&ihdr);
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend_from_slice(&13u32.to_be_bytes());
-    png.extend_from_slice(&ihdr);
-    png.extend_from_slice(&crc.to_be_bytes());
-    png
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 #[test]
 fn detect_reports_every_file_and_survives_bad_ones() {
     let weights = common::faster_rcnn_reference().join("weights_frozen_bn.safetensors");
@@ -57,7 +27,7 @@ fn detect_reports_every_file_and_survives_bad_ones() {
         *b = 0x5a;
     }
     let corrupt = write("corrupt.jpg", &corrupt_jpeg[..corrupt_jpeg.len() / 2]);
-    let bomb = write("bomb.png", &png_header_only(50_000, 50_000));
+    let bomb = write("bomb.png", &common::kafka::png_header_only(50_000, 50_000));
     let missing = dir.path().join("missing.png");
     let annotate = dir.path().join("annotated");
 

@@ -1,8 +1,12 @@
 //! The implementation of each subcommand; [`run`] dispatches.
 
+mod demo;
 mod detect;
 mod info;
 mod model;
+mod publish;
+mod serve;
+mod tail;
 
 use std::process::ExitCode;
 
@@ -19,5 +23,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Info => info::run(),
         Command::Detect(args) => detect::run(args),
         Command::Model(args) => model::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Publish(args) => publish::run(args),
+        Command::Tail(args) => tail::run(args),
     }
 }

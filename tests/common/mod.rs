@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
+pub mod kafka;
+
 /// The project root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,46 @@
+//! `attrstream serve`: the streaming service until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::ServeArgs;
+use crate::config::redact;
+use crate::serve::{detector_inference, load_config, runtime, shutdown_signal};
+
+/// Loads the configuration, starts the workers and runs the pipeline until a signal.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let config = load_config(&args.config)?;
+    if args.print_config {
+        let mut shown = config.clone();
+        shown.kafka.options = redact(&shown.kafka.options);
+        shown.kafka.consumer_options = redact(&shown.kafka.consumer_options);
+        shown.kafka.producer_options = redact(&shown.kafka.producer_options);
+        if shown.schemas.registry_password.is_some() {
+            shown.schemas.registry_password = Some("<redacted>".into());
+        }
+        println!("{}", toml::to_string_pretty(&shown)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::info!(
+        brokers = %config.kafka.bootstrap_servers,
+        group = %config.kafka.group_id,
+        input = %config.kafka.input_topic,
+        output = %config.kafka.output_topic,
+        dead_letters = %config.kafka.dead_letter_topic,
+        options = ?redact(&config.kafka.options),
+        "starting"
+    );
+    let (inference, model) = detector_inference(&config)?;
+    tracing::info!(model = %model.name, version = %model.version, workers = inference.workers, "model");
+    let report = runtime()?.block_on(crate::pipeline::run(config, inference, shutdown_signal()))?;
+    tracing::info!(
+        consumed = report.consumed,
+        produced = report.produced,
+        dead_lettered = ?report.dead_lettered,
+        abandoned = report.abandoned,
+        mean_batch = format!("{:.2}", report.batches.mean_batch_size()),
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}

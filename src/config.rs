@@ -1,0 +1,499 @@
+//! The service's settings: one serde tree, layered defaults → TOML file → environment → CLI.
+//!
+//! Environment variables use the prefix `ATTRSTREAM_` and `__` between levels, e.g.
+//! `ATTRSTREAM_KAFKA__BOOTSTRAP_SERVERS=broker:9092` or `ATTRSTREAM_BATCH__MAX_WAIT=5ms`.
+//! Only variables with a `__` are read, so `ATTRSTREAM_THREADS` and friends stay CLI-only.
+//! Unknown keys are errors (a typo must not silently fall back to a default), and
+//! [`Config::validate`] names the key that is wrong and what to put there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::attributes::ColourConfig;
+use crate::fetch::FetchConfig;
+
+/// Everything `attrstream serve` (and `demo`, `publish`, `tail`) can be told.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Brokers, topics, group and librdkafka pass-through options.
+    pub kafka: KafkaConfig,
+    /// Wire formats and schema ids of the three topics.
+    pub schemas: SchemaConfig,
+    /// Image fetching: limits, timeouts, retries, SSRF guard.
+    pub fetch: FetchConfig,
+    /// Image decoding on the CPU pool.
+    pub decode: DecodeConfig,
+    /// Dynamic batching in front of the inference workers.
+    pub batch: BatchConfig,
+    /// Which model, on which devices.
+    pub model: ModelConfig,
+    /// Dominant-colour extraction for the attribute records.
+    pub attributes: ColourConfig,
+    /// In-flight limits, retries and shutdown.
+    pub pipeline: PipelineConfig,
+}
+
+/// Kafka connection and topics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers` of the cluster.
+    pub bootstrap_servers: String,
+    /// Consumer group: every replica of one deployment shares it and splits the partitions.
+    pub group_id: String,
+    /// Topic of ProductImageEvent records.
+    pub input_topic: String,
+    /// Topic the ProductAttributes records go to (key = product id).
+    pub output_topic: String,
+    /// Topic for messages that cannot be processed, with the reason.
+    pub dead_letter_topic: String,
+    /// librdkafka properties for every client (security.protocol, sasl.*, ssl.*, …).
+    /// In the environment write dots as `_`: `ATTRSTREAM_KAFKA__OPTIONS__SECURITY_PROTOCOL`.
+    pub options: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (applied after `options`).
+    pub consumer_options: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only (applied after `options`).
+    pub producer_options: BTreeMap<String, String>,
+    /// How often stored offsets are committed (they are also committed on rebalance and shutdown).
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "localhost:9092".into(),
+            group_id: "attrstream".into(),
+            input_topic: "product-images".into(),
+            output_topic: "product-attributes".into(),
+            dead_letter_topic: "product-images-dlq".into(),
+            options: BTreeMap::new(),
+            consumer_options: BTreeMap::new(),
+            producer_options: BTreeMap::new(),
+            commit_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How input values are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// Confluent wire format: magic byte 0, 4-byte schema id, Avro binary.
+    #[default]
+    Confluent,
+    /// Bare Avro binary written with `schemas.raw_writer_schema` (default: ours).
+    Raw,
+}
+
+/// Schema registry and schema ids.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaConfig {
+    /// Confluent-compatible schema registry, e.g. `http://schema-registry:8081`.
+    pub registry_url: Option<String>,
+    /// Basic-auth user for the registry.
+    pub registry_username: Option<String>,
+    /// Basic-auth password for the registry (never logged).
+    pub registry_password: Option<String>,
+    /// Register our output schemas under `<topic>-value` on start when they are missing.
+    pub auto_register: bool,
+    /// Framing of input values.
+    pub input_format: InputFormat,
+    /// Accept only this writer schema id (Confluent input without a registry).
+    pub input_schema_id: Option<u32>,
+    /// Writer schema file (.avsc) of raw input; default: `schemas/product_image_event.avsc`.
+    pub raw_writer_schema: Option<PathBuf>,
+    /// Schema id written into output records when there is no registry.
+    pub output_schema_id: Option<u32>,
+    /// Schema id written into dead letters when there is no registry.
+    pub dead_letter_schema_id: Option<u32>,
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        Self {
+            registry_url: None,
+            registry_username: None,
+            registry_password: None,
+            auto_register: true,
+            input_format: InputFormat::Confluent,
+            input_schema_id: None,
+            raw_writer_schema: None,
+            output_schema_id: None,
+            dead_letter_schema_id: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SchemaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaConfig")
+            .field("registry_url", &self.registry_url)
+            .field("registry_username", &self.registry_username)
+            .field("registry_password", &self.registry_password.as_ref().map(|_| REDACTED))
+            .field("auto_register", &self.auto_register)
+            .field("input_format", &self.input_format)
+            .field("input_schema_id", &self.input_schema_id)
+            .field("raw_writer_schema", &self.raw_writer_schema)
+            .field("output_schema_id", &self.output_schema_id)
+            .field("dead_letter_schema_id", &self.dead_letter_schema_id)
+            .finish()
+    }
+}
+
+/// Image decoding.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Images declaring more pixels are refused from their header, before decoding.
+    pub max_pixels: u64,
+    /// Threads decoding images and computing colours (0 = one per core, at least 1).
+    pub threads: usize,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            max_pixels: crate::preprocess::DEFAULT_MAX_PIXELS,
+            threads: 0,
+        }
+    }
+}
+
+/// Dynamic batching.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most images in one forward pass.
+    pub max_batch_size: usize,
+    /// Longest the first image of a batch waits for company before the batch goes anyway.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Most decoded pixels (sum of width × height) in one batch; bounds device memory.
+    pub max_batch_pixels: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 8,
+            max_wait: Duration::from_millis(10),
+            max_batch_pixels: 64_000_000,
+        }
+    }
+}
+
+/// The model and where it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Weights file (safetensors from `attrstream model …`); default: the Faster R-CNN COCO
+    /// checkpoint if fetched, else the offline SSD MobileNetV2 model.
+    pub weights: Option<PathBuf>,
+    /// One inference worker per entry (`cpu`, `cuda:0`, …; repeat a device for two workers
+    /// on it). Empty: every CUDA device, else one CPU worker.
+    pub devices: Vec<String>,
+    /// Intra-op threads per CPU worker (0 = cores divided by CPU workers).
+    pub threads_per_worker: usize,
+    /// Detections below this score are dropped.
+    pub score_threshold: f32,
+    /// Faster R-CNN: keep torchvision's exact operation order (slower) instead of the fast path.
+    pub exact: bool,
+    /// Model name in output records (default: the weights file stem).
+    pub name: Option<String>,
+    /// Model version in output records (default: first 12 hex digits of the weights' sha256).
+    pub version: Option<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            weights: None,
+            devices: Vec::new(),
+            threads_per_worker: 0,
+            score_threshold: 0.5,
+            exact: false,
+            name: None,
+            version: None,
+        }
+    }
+}
+
+/// Flow control, retries and shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Most messages between consumption and acknowledged output; above it the consumer
+    /// pauses (still polling, so the group keeps it) and resumes at half.
+    pub max_in_flight: usize,
+    /// On SIGTERM/SIGINT, how long to drain in-flight work before committing and leaving.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+    /// Times a failed batch is retried (image by image, on a restarted worker) before its
+    /// images are dead-lettered.
+    pub inference_retries: u32,
+    /// Times a failed produce (output or dead letter) is retried before the service stops
+    /// without committing that message (it is redelivered after restart).
+    pub produce_retries: u32,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 512,
+            shutdown_deadline: Duration::from_secs(30),
+            inference_retries: 1,
+            produce_retries: 5,
+        }
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// True for librdkafka property names whose values are secrets.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key", "token"]
+        .iter()
+        .any(|needle| k.contains(needle))
+}
+
+/// librdkafka options with secret values replaced, for logging.
+pub fn redact(options: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    options
+        .iter()
+        .map(|(k, v)| {
+            let v = if is_secret_key(k) { REDACTED.to_string() } else { v.clone() };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// librdkafka property names use dots; environment variables cannot, so a key without
+/// any dot has its underscores turned into dots (`security_protocol` → `security.protocol`).
+pub fn normalize_kafka_key(key: &str) -> String {
+    if key.contains('.') {
+        key.to_string()
+    } else {
+        key.replace('_', ".")
+    }
+}
+
+impl Config {
+    /// Layers defaults, the TOML file (if any), `ATTRSTREAM_*__*` environment variables and
+    /// `overrides` (dotted keys with TOML values, e.g. `batch.max_batch_size=16`), then validates.
+    pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("config file {} not found", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("ATTRSTREAM_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        for (key, value) in overrides {
+            figment = figment.merge(Serialized::global(key.as_str(), parse_override_value(value)));
+        }
+        let config: Config = figment.extract().map_err(|e| {
+            let mut messages: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            messages.dedup();
+            anyhow::anyhow!("invalid configuration: {}", messages.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges, topic names, schema-id sources. Errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let k = &self.kafka;
+        for (key, value) in [
+            ("kafka.bootstrap_servers", &k.bootstrap_servers),
+            ("kafka.group_id", &k.group_id),
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.output_topic", &k.output_topic),
+            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+        ] {
+            if value.trim().is_empty() {
+                bail!("{key} must not be empty");
+            }
+        }
+        if k.input_topic == k.output_topic || k.input_topic == k.dead_letter_topic {
+            bail!(
+                "kafka.input_topic `{}` must differ from kafka.output_topic and kafka.dead_letter_topic \
+                 (the service would consume its own output)",
+                k.input_topic
+            );
+        }
+        for (key, value) in k.options.iter().chain(&k.consumer_options) {
+            let key = normalize_kafka_key(key);
+            if matches!(
+                key.as_str(),
+                "enable.auto.offset.store" | "group.id" | "bootstrap.servers" | "enable.auto.commit"
+            ) {
+                bail!(
+                    "kafka option `{key}` = `{value}` is managed by attrstream (at-least-once offset \
+                     handling or a dedicated key such as kafka.group_id); remove it"
+                );
+            }
+        }
+        let b = &self.batch;
+        if b.max_batch_size == 0 {
+            bail!("batch.max_batch_size must be at least 1");
+        }
+        if b.max_batch_pixels == 0 {
+            bail!("batch.max_batch_pixels must be at least 1");
+        }
+        if self.decode.max_pixels == 0 {
+            bail!("decode.max_pixels must be at least 1");
+        }
+        if self.pipeline.max_in_flight == 0 {
+            bail!("pipeline.max_in_flight must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.model.score_threshold) {
+            bail!("model.score_threshold must be in [0, 1], got {}", self.model.score_threshold);
+        }
+        for spec in &self.model.devices {
+            crate::device::parse_device(spec).with_context(|| format!("model.devices entry `{spec}`"))?;
+        }
+        let s = &self.schemas;
+        if s.registry_url.is_none() {
+            if s.input_format == InputFormat::Confluent && s.input_schema_id.is_none() {
+                bail!(
+                    "schemas.input_schema_id is needed when schemas.registry_url is not set \
+                     (or set schemas.input_format = \"raw\")"
+                );
+            }
+            if s.output_schema_id.is_none() || s.dead_letter_schema_id.is_none() {
+                bail!(
+                    "schemas.output_schema_id and schemas.dead_letter_schema_id are needed when \
+                     schemas.registry_url is not set"
+                );
+            }
+        }
+        if s.registry_password.is_some() && s.registry_username.is_none() {
+            bail!("schemas.registry_password is set but schemas.registry_username is not");
+        }
+        Ok(())
+    }
+
+    /// Decode/colour threads after resolving `0` to the number of cores.
+    pub fn decode_threads(&self) -> usize {
+        if self.decode.threads > 0 {
+            self.decode.threads
+        } else {
+            available_cores()
+        }
+    }
+}
+
+/// Cores this process may use (at least 1).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Parses `--set` values as TOML (numbers, booleans, arrays, quoted strings), else as a bare string.
+fn parse_override_value(raw: &str) -> figment::value::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(table) => {
+            let value = table.get("v").cloned().unwrap_or(toml::Value::String(raw.to_string()));
+            figment::value::Value::serialize(value).unwrap_or_else(|_| raw.into())
+        }
+        Err(_) => raw.into(),
+    }
+}
+
+/// Splits `key=value` arguments of `--set`.
+pub fn parse_set_arg(arg: &str) -> Result<(String, String), String> {
+    let (key, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not KEY=VALUE (e.g. batch.max_batch_size=16)"))?;
+    if key.trim().is_empty() {
+        return Err(format!("`{arg}` has an empty key"));
+    }
+    Ok((key.trim().to_string(), value.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed_ids() -> Vec<(String, String)> {
+        vec![
+            ("schemas.input_schema_id".into(), "1".into()),
+            ("schemas.output_schema_id".into(), "2".into()),
+            ("schemas.dead_letter_schema_id".into(), "3".into()),
+        ]
+    }
+
+    #[test]
+    fn layers_file_env_and_overrides_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "serve.toml",
+                "[kafka]\ngroup_id = \"from-file\"\ninput_topic = \"in-file\"\n[batch]\nmax_wait = \"25ms\"\n",
+            )?;
+            jail.set_env("ATTRSTREAM_KAFKA__GROUP_ID", "from-env");
+            jail.set_env("ATTRSTREAM_KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_SSL");
+            jail.set_env("ATTRSTREAM_THREADS", "3");
+            let mut sets = fixed_ids();
+            sets.push(("batch.max_batch_size".into(), "16".into()));
+            let c = Config::load(Some(Path::new("serve.toml")), &sets).map_err(|e| e.to_string())?;
+            assert_eq!(c.kafka.group_id, "from-env");
+            assert_eq!(c.kafka.input_topic, "in-file");
+            assert_eq!(c.batch.max_wait, Duration::from_millis(25));
+            assert_eq!(c.batch.max_batch_size, 16);
+            assert_eq!(c.kafka.options.get("security_protocol").map(String::as_str), Some("SASL_SSL"));
+            assert_eq!(normalize_kafka_key("security_protocol"), "security.protocol");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[batch]\nmax_batch_sise = 4\n")?;
+            let err = Config::load(Some(Path::new("bad.toml")), &fixed_ids()).unwrap_err().to_string();
+            assert!(err.contains("max_batch_sise"), "{err}");
+            jail.create_file("bad2.toml", "[batch]\nmax_batch_size = \"many\"\n")?;
+            let err = Config::load(Some(Path::new("bad2.toml")), &fixed_ids()).unwrap_err().to_string();
+            assert!(err.contains("batch.max_batch_size"), "{err}");
+            let mut sets = fixed_ids();
+            sets.push(("batch.max_batch_size".into(), "0".into()));
+            let err = Config::load(None, &sets).unwrap_err().to_string();
+            assert!(err.contains("batch.max_batch_size"), "{err}");
+            let err = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("schemas.input_schema_id"), "{err}");
+            jail.set_env("ATTRSTREAM_KAFKA__OPTIONS__ENABLE_AUTO_OFFSET_STORE", "true");
+            let err = Config::load(None, &fixed_ids()).unwrap_err().to_string();
+            assert!(err.contains("enable.auto.offset.store"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut options = BTreeMap::new();
+        options.insert("sasl.password".to_string(), "hunter2".to_string());
+        options.insert("security.protocol".to_string(), "SASL_SSL".to_string());
+        let shown = format!("{:?}", redact(&options));
+        assert!(!shown.contains("hunter2") && shown.contains("SASL_SSL"), "{shown}");
+        let schemas = SchemaConfig {
+            registry_password: Some("hunter2".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{schemas:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,420 @@
+//! The serve pipeline, wired end to end:
+//!
+//! ```text
+//! consumer thread ─► decode event ─► fetch ─► decode image (CPU pool) ─► batcher
+//!        ▲                                                                  │
+//!        │ completions (offset tracker)             least-loaded worker per device
+//!        │                                                                  │
+//!        └──── broker ack ◄── produce (output | dead letter) ◄── attributes ◄┘
+//! ```
+//!
+//! Every message ends in exactly one acknowledged record, output or dead letter, before its
+//! offset can be committed. [`run`] returns when the shutdown future resolves (after draining)
+//! or when a fatal produce error stops the service.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use image::RgbImage;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::attributes;
+use crate::batcher::{run_batcher, BatchStats, Pending};
+use crate::config::{normalize_kafka_key, Config, InputFormat};
+use crate::detection::ImageDetections;
+use crate::events::registry::{resolve_output_schema_id, InputDecoder, InputSchemas, SchemaRegistry};
+use crate::events::{codec, error_kinds, now_ms, DeadLetter, ModelRef, ProductAttributes, ProductImageEvent, StageTimings};
+use crate::fetch::ImageFetcher;
+use crate::sink::{create_producer, OutputSink, SinkSettings};
+use crate::source::{spawn_consumer, ConsumerSettings, InputMessage};
+use crate::workers::{BackendFactory, WorkResult, WorkerPool};
+
+/// What a finished run did, for logs, the demo and the benchmark.
+#[derive(Debug, Default, Clone)]
+pub struct RunReport {
+    /// Messages consumed.
+    pub consumed: u64,
+    /// Attribute records acknowledged.
+    pub produced: u64,
+    /// Dead letters acknowledged, by error kind.
+    pub dead_lettered: BTreeMap<String, u64>,
+    /// Messages left unfinished at the shutdown deadline (redelivered after restart).
+    pub abandoned: usize,
+    /// Batching statistics.
+    pub batches: BatchStats,
+    /// Times the consumer paused for backpressure.
+    pub pauses: u64,
+}
+
+/// The inference side of a run: how many workers and how to build each one's model.
+pub struct Inference {
+    /// Worker count (one per configured device entry).
+    pub workers: usize,
+    /// Builds worker `i`'s backend on its own thread.
+    pub factory: BackendFactory,
+}
+
+/// The per-event payload carried through batching and inference.
+struct Job {
+    msg: InputMessage,
+    event: ProductImageEvent,
+    timings: StageTimings,
+    batched_at: Instant,
+}
+
+/// Everything the per-message tasks share.
+struct Shared {
+    decoder: InputDecoder,
+    fetcher: ImageFetcher,
+    sink: OutputSink,
+    cpu: Arc<Semaphore>,
+    config: Config,
+    produced: AtomicU64,
+    dead_lettered: Mutex<BTreeMap<String, u64>>,
+}
+
+/// librdkafka properties for the consumer, from the configuration.
+pub fn consumer_properties(config: &Config) -> Vec<(String, String)> {
+    let k = &config.kafka;
+    let mut props = vec![
+        ("bootstrap.servers".to_string(), k.bootstrap_servers.clone()),
+        ("group.id".to_string(), k.group_id.clone()),
+        ("enable.auto.commit".to_string(), "true".to_string()),
+        (
+            "auto.commit.interval.ms".to_string(),
+            k.commit_interval.as_millis().max(1).to_string(),
+        ),
+        ("auto.offset.reset".to_string(), "earliest".to_string()),
+    ];
+    for (key, value) in k.options.iter().chain(&k.consumer_options) {
+        props.push((normalize_kafka_key(key), value.clone()));
+    }
+    props
+}
+
+/// librdkafka properties for the producer, from the configuration.
+pub fn producer_properties(config: &Config) -> Vec<(String, String)> {
+    let k = &config.kafka;
+    let mut props = vec![("bootstrap.servers".to_string(), k.bootstrap_servers.clone())];
+    for (key, value) in k.options.iter().chain(&k.producer_options) {
+        props.push((normalize_kafka_key(key), value.clone()));
+    }
+    props
+}
+
+/// The schema registry client, when one is configured.
+pub fn registry_client(config: &Config) -> Result<Option<Arc<SchemaRegistry>>> {
+    let s = &config.schemas;
+    let Some(url) = &s.registry_url else {
+        return Ok(None);
+    };
+    let auth = s
+        .registry_username
+        .clone()
+        .map(|user| (user, s.registry_password.clone().unwrap_or_default()));
+    Ok(Some(Arc::new(SchemaRegistry::new(url, auth, Duration::from_secs(10))?)))
+}
+
+/// How input values are read, from the configuration.
+pub fn input_schemas(config: &Config, registry: Option<Arc<SchemaRegistry>>) -> Result<InputSchemas> {
+    let s = &config.schemas;
+    Ok(match s.input_format {
+        InputFormat::Raw => {
+            let writer_schema = match &s.raw_writer_schema {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("schemas.raw_writer_schema {} cannot be read", path.display()))?;
+                    apache_avro::Schema::parse_str(&text)
+                        .with_context(|| format!("schemas.raw_writer_schema {} is not a valid Avro schema", path.display()))?
+                }
+                None => codec::product_image_event_schema().clone(),
+            };
+            InputSchemas::Raw { writer_schema }
+        }
+        InputFormat::Confluent => match (s.input_schema_id, registry) {
+            (_, Some(registry)) => InputSchemas::Registry(registry),
+            (Some(id), None) => InputSchemas::Fixed {
+                id,
+                writer_schema: codec::product_image_event_schema().clone(),
+            },
+            (None, None) => anyhow::bail!("schemas.input_schema_id or schemas.registry_url is required"),
+        },
+    })
+}
+
+/// Runs the service until `shutdown` resolves (then drains within the configured deadline)
+/// or a fatal error occurs.
+pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
+    let registry = registry_client(&config)?;
+    let decoder = InputDecoder::new(input_schemas(&config, registry.clone())?);
+    let k = &config.kafka;
+    let output_schema_id = resolve_output_schema_id(
+        registry.as_deref(),
+        &format!("{}-value", k.output_topic),
+        codec::product_attributes_schema_json(),
+        config.schemas.auto_register,
+        config.schemas.output_schema_id,
+    )
+    .await
+    .context("resolving the output schema id")?;
+    let dead_letter_schema_id = resolve_output_schema_id(
+        registry.as_deref(),
+        &format!("{}-value", k.dead_letter_topic),
+        codec::dead_letter_schema_json(),
+        config.schemas.auto_register,
+        config.schemas.dead_letter_schema_id,
+    )
+    .await
+    .context("resolving the dead-letter schema id")?;
+    let fetcher = ImageFetcher::new(config.fetch.clone())?;
+    let producer = create_producer(&producer_properties(&config))?;
+
+    // Models first: a replica that cannot load fails the start before we join the group.
+    let (results_tx, results_rx) = mpsc::unbounded_channel::<WorkResult<Job>>();
+    let pool = Arc::new(WorkerPool::start(
+        inference.workers,
+        inference.factory,
+        config.pipeline.inference_retries,
+        results_tx,
+    )?);
+    tracing::info!(workers = pool.len(), "inference workers ready");
+
+    let (input_tx, mut input_rx) = mpsc::unbounded_channel::<InputMessage>();
+    let (consumer, completions) = spawn_consumer(
+        ConsumerSettings {
+            topic: k.input_topic.clone(),
+            properties: consumer_properties(&config),
+            max_in_flight: config.pipeline.max_in_flight,
+            drain_timeout: config.pipeline.shutdown_deadline,
+        },
+        input_tx,
+    )?;
+    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let sink = OutputSink::new(
+        producer,
+        SinkSettings {
+            output_topic: k.output_topic.clone(),
+            dead_letter_topic: k.dead_letter_topic.clone(),
+            output_schema_id,
+            dead_letter_schema_id,
+            retries: config.pipeline.produce_retries,
+        },
+        completions,
+        fatal_tx,
+    );
+    let ctx = Arc::new(Shared {
+        decoder,
+        fetcher,
+        sink: sink.clone(),
+        cpu: Arc::new(Semaphore::new(config.decode_threads())),
+        config: config.clone(),
+        produced: AtomicU64::new(0),
+        dead_lettered: Mutex::new(BTreeMap::new()),
+    });
+
+    let (batch_tx, batch_rx) = mpsc::channel::<Pending<Job>>(config.batch.max_batch_size * pool.len() * 2);
+    let batcher = tokio::spawn(run_batcher(batch_rx, pool.clone(), config.batch.clone()));
+    let finisher = tokio::spawn(finish_results(ctx.clone(), results_rx));
+
+    tokio::pin!(shutdown);
+    let mut fatal: Option<String> = None;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            msg = input_rx.recv() => match msg {
+                Some(msg) => {
+                    tokio::spawn(process(ctx.clone(), msg, batch_tx.clone()));
+                }
+                None => break, // consumer thread finished (after a shutdown request or an error)
+            },
+            _ = &mut shutdown, if !stopping => {
+                tracing::info!("shutdown requested: stopping intake and draining in-flight work");
+                stopping = true;
+                consumer.request_shutdown();
+            }
+            _ = fatal_rx.changed() => {
+                fatal = fatal_rx.borrow().clone();
+                if fatal.is_some() && !stopping {
+                    stopping = true;
+                    consumer.request_shutdown();
+                }
+            }
+        }
+    }
+    let consumer_report = tokio::task::spawn_blocking(move || consumer.join())
+        .await
+        .context("joining the consumer thread")??;
+    drop(batch_tx);
+    if consumer_report.abandoned == 0 {
+        // Everything was acknowledged: the remaining stages only need to wind down.
+        let batches = batcher.await.context("batcher task")??;
+        finisher.abort();
+        report_and_flush(&ctx, consumer_report, batches, &sink, fatal)
+    } else {
+        batcher.abort();
+        finisher.abort();
+        report_and_flush(&ctx, consumer_report, BatchStats::default(), &sink, fatal)
+    }
+}
+
+fn report_and_flush(
+    ctx: &Shared,
+    consumer: crate::source::ConsumerReport,
+    batches: BatchStats,
+    sink: &OutputSink,
+    fatal: Option<String>,
+) -> Result<RunReport> {
+    if let Err(e) = sink.flush(Duration::from_secs(10)) {
+        tracing::warn!(error = %format!("{e:#}"), "producer flush incomplete");
+    }
+    if let Some(message) = fatal {
+        anyhow::bail!("stopped: {message}");
+    }
+    Ok(RunReport {
+        consumed: consumer.consumed,
+        produced: ctx.produced.load(Ordering::Relaxed),
+        dead_lettered: ctx.dead_lettered.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        abandoned: consumer.abandoned,
+        batches,
+        pauses: consumer.pauses,
+    })
+}
+
+/// One message up to the batcher: decode the event, fetch and decode its image.
+async fn process(ctx: Arc<Shared>, msg: InputMessage, batch_tx: mpsc::Sender<Pending<Job>>) {
+    let event = loop {
+        match ctx.decoder.decode(&msg.value).await {
+            Ok(event) => break event,
+            Err(e) => match e.kind() {
+                Some(kind) => return dead_letter(&ctx, msg, None, kind, &e.to_string()).await,
+                None => {
+                    // The registry is unreachable: not the message's fault, so wait and retry.
+                    tracing::warn!(error = %e, "cannot decode yet; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+        }
+    };
+    let mut timings = StageTimings::default();
+    let fetched = match ctx.fetcher.fetch(&event.image).await {
+        Ok(f) => f,
+        Err(e) => return dead_letter(&ctx, msg, Some(&event), e.kind(), &e.to_string()).await,
+    };
+    timings.fetch_ms = ms(fetched.elapsed);
+    let max_pixels = ctx.config.decode.max_pixels;
+    let decoded = {
+        let _permit = ctx.cpu.acquire().await;
+        let started = Instant::now();
+        let bytes = fetched.bytes;
+        let result = tokio::task::spawn_blocking(move || crate::preprocess::decode_image(&bytes, max_pixels)).await;
+        timings.decode_ms = ms(started.elapsed());
+        result
+    };
+    let image = match decoded {
+        Ok(Ok(image)) => image,
+        Ok(Err(e)) => return dead_letter(&ctx, msg, Some(&event), e.kind(), &e.to_string()).await,
+        Err(join) => {
+            let message = format!("image decoder crashed: {join}");
+            return dead_letter(&ctx, msg, Some(&event), error_kinds::CORRUPT_IMAGE, &message).await;
+        }
+    };
+    let job = Job {
+        msg,
+        event,
+        timings,
+        batched_at: Instant::now(),
+    };
+    if let Err(mpsc::error::SendError(p)) = batch_tx.send(Pending { image, item: job }).await {
+        // Only during teardown after a deadline: the message stays uncommitted and is redelivered.
+        tracing::debug!(offset = p.item.msg.position.offset, "batcher closed; message left for redelivery");
+    }
+}
+
+/// Turns finished batches into output records (or dead letters for failed images).
+async fn finish_results(ctx: Arc<Shared>, mut results: mpsc::UnboundedReceiver<WorkResult<Job>>) {
+    while let Some(done) = results.recv().await {
+        let inference_ms = ms(done.inference);
+        let model = done.model;
+        for ((image, job), result) in done.images.into_iter().zip(done.items).zip(done.results) {
+            let ctx = ctx.clone();
+            let model = model.clone();
+            tokio::spawn(async move {
+                match result {
+                    Ok(dets) => emit(&ctx, job, image, dets, model, inference_ms).await,
+                    Err(message) => {
+                        let Job { msg, event, .. } = job;
+                        dead_letter(&ctx, msg, Some(&event), error_kinds::INFERENCE_FAILED, &message).await
+                    }
+                }
+            });
+        }
+    }
+}
+
+async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, model: ModelRef, inference_ms: f64) {
+    let Job {
+        msg,
+        event,
+        mut timings,
+        batched_at,
+    } = job;
+    let waited = batched_at.elapsed().as_secs_f64() * 1000.0 - inference_ms;
+    timings.batch_wait_ms = waited.max(0.0);
+    timings.inference_ms = inference_ms;
+    let aggregated = if dets.detections.is_empty() {
+        Default::default()
+    } else {
+        let _permit = ctx.cpu.acquire().await;
+        let cfg = ctx.config.attributes.clone();
+        let dets = dets.clone();
+        tokio::task::spawn_blocking(move || attributes::aggregate(&image, &dets, &cfg))
+            .await
+            .unwrap_or_default()
+    };
+    timings.total_ms = ms(msg.received.elapsed());
+    let record = ProductAttributes {
+        event_id: event.event_id,
+        product_id: event.product_id,
+        model,
+        image_width: dets.width,
+        image_height: dets.height,
+        detections: attributes::detection_records(&dets),
+        attributes: aggregated,
+        timings,
+        event_time_ms: event.event_time_ms,
+        processed_time_ms: now_ms(),
+        metadata: event.metadata,
+    };
+    ctx.sink.deliver_attributes(msg.position, &record, &msg.headers).await;
+    ctx.produced.fetch_add(1, Ordering::Relaxed);
+}
+
+async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImageEvent>, kind: &str, message: &str) {
+    let letter = DeadLetter {
+        original_key: msg.key,
+        original_value: msg.value,
+        source_topic: ctx.config.kafka.input_topic.clone(),
+        source_partition: msg.position.partition,
+        source_offset: msg.position.offset,
+        event_id: event.map(|e| e.event_id.clone()),
+        product_id: event.map(|e| e.product_id.clone()),
+        error_kind: kind.to_string(),
+        error_message: message.to_string(),
+        failed_time_ms: now_ms(),
+    };
+    ctx.sink.deliver_dead_letter(msg.position, &letter).await;
+    *ctx
+        .dead_lettered
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(kind.to_string())
+        .or_default() += 1;
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,374 @@
+//! The Kafka consumer thread: polls, tracks offsets, applies backpressure, stores offsets
+//! only for acknowledged work, and hands messages to the async pipeline.
+//!
+//! It runs on its own OS thread with a `BaseConsumer` so that the rebalance callback can
+//! block (waiting for in-flight work of revoked partitions) without stalling the async
+//! pipeline that must finish that very work. Under overload it pauses its partitions but
+//! keeps polling, so the group does not evict it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::offsets::{MessagePosition, OffsetTracker};
+
+/// One consumed message, owned, with what the pipeline needs to report its completion.
+#[derive(Debug)]
+pub struct InputMessage {
+    /// Partition, offset and assignment epoch: hand back to [`CompletionSender`] when done.
+    pub position: MessagePosition,
+    /// The message key (the producer's choice; usually the product id).
+    pub key: Option<Vec<u8>>,
+    /// The message value (the framed Avro event).
+    pub value: Vec<u8>,
+    /// Kafka headers, for trace-context propagation.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// When the consumer handed it over (start of the end-to-end latency).
+    pub received: Instant,
+}
+
+/// Reports finished messages (output or dead letter acknowledged by the broker).
+pub type CompletionSender = Sender<MessagePosition>;
+
+/// What the consumer thread needs to know.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// The input topic.
+    pub topic: String,
+    /// librdkafka properties (bootstrap.servers, group.id, security, pass-through options).
+    pub properties: Vec<(String, String)>,
+    /// Pause above this many in-flight messages, resume at half.
+    pub max_in_flight: usize,
+    /// How long a revoke (rebalance) or shutdown waits for in-flight work.
+    pub drain_timeout: Duration,
+}
+
+/// Counters the consumer thread returns when it stops.
+#[derive(Debug, Default, Clone)]
+pub struct ConsumerReport {
+    /// Messages handed to the pipeline.
+    pub consumed: u64,
+    /// Messages still in flight when the drain deadline passed (redelivered after restart).
+    pub abandoned: usize,
+    /// Times the consumer paused for backpressure.
+    pub pauses: u64,
+}
+
+/// State shared between the poll loop and the rebalance callbacks (same thread, so the
+/// mutex is never contended; it exists because the callbacks only get `&self`).
+struct SharedState {
+    tracker: OffsetTracker,
+    completions: Receiver<MessagePosition>,
+    topic: String,
+    drain_timeout: Duration,
+    paused: bool,
+}
+
+impl SharedState {
+    /// Applies every completion that has arrived; returns the positions that moved.
+    fn apply_completions(&mut self) -> Vec<(i32, i64)> {
+        let mut moved = Vec::new();
+        while let Ok(pos) = self.completions.try_recv() {
+            if let Some(next) = self.tracker.complete(pos) {
+                moved.push((pos.partition, next));
+            }
+        }
+        moved
+    }
+
+    /// Blocks until the given partitions have nothing in flight or `deadline` passes.
+    fn drain(&mut self, partitions: &[i32], deadline: Instant) -> Vec<(i32, i64)> {
+        let mut moved = self.apply_completions();
+        while partitions.iter().any(|&p| self.tracker.in_flight_for(p) > 0) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.completions.recv_timeout(deadline - now) {
+                Ok(pos) => {
+                    if let Some(next) = self.tracker.complete(pos) {
+                        moved.push((pos.partition, next));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        moved
+    }
+}
+
+/// The consumer's context: rebalance handling that keeps at-least-once across rebalances.
+struct TrackingContext {
+    state: Arc<Mutex<SharedState>>,
+}
+
+impl ClientContext for TrackingContext {}
+
+impl ConsumerContext for TrackingContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let revoked: Vec<i32> = list
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == state.topic)
+            .map(|e| e.partition())
+            .collect();
+        let deadline = Instant::now() + state.drain_timeout;
+        let moved = state.drain(&revoked, deadline);
+        store(consumer, &state.topic, &moved);
+        let mut abandoned = 0;
+        for p in &revoked {
+            abandoned += state.tracker.revoke(*p);
+        }
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "partitions revoked with work still in flight; the new owner will reprocess it"
+            );
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            if !matches!(e, KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(error = %e, "commit on revoke failed; uncommitted work will be redelivered");
+            }
+        }
+        tracing::info!(partitions = ?revoked, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(list) = rebalance else {
+            return;
+        };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut assigned = Vec::new();
+        for e in list.elements() {
+            if e.topic() == state.topic {
+                state.tracker.assign(e.partition());
+                assigned.push(e.partition());
+            }
+        }
+        if state.paused {
+            if let Err(e) = consumer.pause(list) {
+                tracing::warn!(error = %e, "could not pause newly assigned partitions");
+            }
+        }
+        tracing::info!(partitions = ?assigned, "partitions assigned");
+    }
+}
+
+/// Stores next-offsets for commit (the commit itself is periodic, on revoke and on close).
+fn store<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, moved: &[(i32, i64)]) {
+    if moved.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for &(partition, next) in moved {
+        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(next)) {
+            tracing::warn!(error = %e, partition, "cannot add offset to store");
+        }
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // Happens when the partition was revoked meanwhile: the new owner re-reads, at least once.
+        tracing::debug!(error = %e, "storing offsets failed");
+    }
+}
+
+/// A running consumer thread.
+pub struct ConsumerHandle {
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<ConsumerReport>>>,
+}
+
+impl ConsumerHandle {
+    /// Asks the thread to stop taking new messages, drain, commit and leave the group.
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the thread has returned.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits for the thread (call after [`Self::request_shutdown`]).
+    pub fn join(mut self) -> Result<ConsumerReport> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))?,
+            None => Ok(ConsumerReport::default()),
+        }
+    }
+}
+
+/// Creates the consumer, subscribes, and starts the poll loop on its own thread.
+/// Messages go to `output`; their completions come back through the returned sender.
+pub fn spawn_consumer(
+    settings: ConsumerSettings,
+    output: UnboundedSender<InputMessage>,
+) -> Result<(ConsumerHandle, CompletionSender)> {
+    let (completion_tx, completion_rx) = std::sync::mpsc::channel();
+    let state = Arc::new(Mutex::new(SharedState {
+        tracker: OffsetTracker::new(),
+        completions: completion_rx,
+        topic: settings.topic.clone(),
+        drain_timeout: settings.drain_timeout,
+        paused: false,
+    }));
+    let mut config = ClientConfig::new();
+    for (k, v) in &settings.properties {
+        config.set(k, v);
+    }
+    config.set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer<TrackingContext> = config
+        .create_with_context(TrackingContext { state: state.clone() })
+        .context("cannot create the Kafka consumer (check kafka.* settings)")?;
+    consumer
+        .subscribe(&[&settings.topic])
+        .with_context(|| format!("cannot subscribe to {}", settings.topic))?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let flag = shutdown.clone();
+    let thread = std::thread::Builder::new()
+        .name("kafka-consumer".into())
+        .spawn(move || poll_loop(consumer, state, settings, output, flag))
+        .context("cannot start the consumer thread")?;
+    Ok((
+        ConsumerHandle {
+            shutdown,
+            thread: Some(thread),
+        },
+        completion_tx,
+    ))
+}
+
+fn poll_loop(
+    consumer: BaseConsumer<TrackingContext>,
+    state: Arc<Mutex<SharedState>>,
+    settings: ConsumerSettings,
+    output: UnboundedSender<InputMessage>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<ConsumerReport> {
+    let mut report = ConsumerReport::default();
+    let resume_below = (settings.max_in_flight / 2).max(1);
+    let lock = |s: &Arc<Mutex<SharedState>>| s.lock().unwrap_or_else(|e| e.into_inner()).apply_completions();
+    let mut last_error: Option<Instant> = None;
+    while !shutdown.load(Ordering::SeqCst) {
+        let moved = lock(&state);
+        store(&consumer, &settings.topic, &moved);
+        flow_control(&consumer, &state, settings.max_in_flight, resume_below, &mut report);
+        match consumer.poll(Duration::from_millis(50)) {
+            None => {}
+            Some(Ok(msg)) => {
+                let position = {
+                    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.tracker.track(msg.partition(), msg.offset())
+                };
+                let Some(position) = position else {
+                    continue; // a message of a partition revoked meanwhile
+                };
+                let headers = msg
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let input = InputMessage {
+                    position,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers,
+                    received: Instant::now(),
+                };
+                report.consumed += 1;
+                if output.send(input).is_err() {
+                    break; // pipeline gone: stop, nothing more can be acknowledged
+                }
+            }
+            Some(Err(e)) => {
+                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)");
+                    last_error = Some(Instant::now());
+                }
+            }
+        }
+    }
+    // Shutdown: stop intake, wait for in-flight work while still polling (group membership).
+    if let Ok(assignment) = consumer.assignment() {
+        let _ = consumer.pause(&assignment);
+    }
+    let deadline = Instant::now() + settings.drain_timeout;
+    loop {
+        let moved = lock(&state);
+        store(&consumer, &settings.topic, &moved);
+        let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
+        if in_flight == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            report.abandoned = in_flight;
+            tracing::warn!(in_flight, "shutdown deadline passed; unfinished messages will be redelivered");
+            break;
+        }
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed; uncommitted work will be redelivered"),
+    }
+    drop(consumer); // closes: leaves the group so partitions move to others at once
+    Ok(report)
+}
+
+/// Pauses all assigned partitions above the in-flight limit and resumes below half of it.
+fn flow_control(
+    consumer: &BaseConsumer<TrackingContext>,
+    state: &Arc<Mutex<SharedState>>,
+    max_in_flight: usize,
+    resume_below: usize,
+    report: &mut ConsumerReport,
+) {
+    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    let in_flight = s.tracker.in_flight();
+    let change = if !s.paused && in_flight >= max_in_flight {
+        Some(true)
+    } else if s.paused && in_flight < resume_below {
+        Some(false)
+    } else {
+        None
+    };
+    let Some(pause) = change else {
+        return;
+    };
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => {
+            s.paused = pause;
+            if pause {
+                report.pauses += 1;
+            }
+            tracing::debug!(in_flight, paused = pause, "backpressure");
+        }
+        Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
+    }
+}

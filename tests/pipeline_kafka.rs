@@ -1,0 +1,325 @@
+//! The serve pipeline against a real Kafka protocol (librdkafka's in-process mock cluster),
+//! with a fake model so the tests are about streaming: every event gives exactly one output
+//! or dead letter with the right reason, offsets are committed only for finished work, a
+//! restart resumes with nothing lost, two instances split the partitions, and backpressure
+//! pauses the consumer without losing anything.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use attrstream::config::Config;
+use attrstream::embedded_broker::EmbeddedBroker;
+use attrstream::events::codec::{decode_attributes, decode_dead_letter, encode_event, product_attributes_schema, dead_letter_schema};
+use attrstream::events::wire::{frame, unframe};
+use attrstream::events::{ImageSource, ProductAttributes, ProductImageEvent, DeadLetter};
+use attrstream::pipeline::{run, Inference, RunReport};
+use common::kafka::*;
+
+const IN: &str = "images";
+const OUT: &str = "attributes";
+const DLQ: &str = "dead-letters";
+
+/// A pipeline running on its own thread and runtime, stopped by [`Running::stop`].
+struct Running {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: std::thread::JoinHandle<anyhow::Result<RunReport>>,
+}
+
+impl Running {
+    fn start(config: Config, inference: Inference) -> Self {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(run(config, inference, async {
+                let _ = rx.await;
+            }))
+        });
+        Self {
+            shutdown: Some(tx),
+            thread,
+        }
+    }
+
+    fn stop(mut self) -> RunReport {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.thread.join().expect("pipeline thread").expect("pipeline run")
+    }
+}
+
+fn config(brokers: &str, group: &str) -> Config {
+    let mut c = Config::default();
+    c.kafka.bootstrap_servers = brokers.to_string();
+    c.kafka.group_id = group.to_string();
+    c.kafka.input_topic = IN.into();
+    c.kafka.output_topic = OUT.into();
+    c.kafka.dead_letter_topic = DLQ.into();
+    c.kafka.commit_interval = Duration::from_millis(200);
+    c.kafka
+        .consumer_options
+        .insert("session.timeout.ms".into(), "6000".into());
+    c.kafka
+        .consumer_options
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    c.schemas.input_schema_id = Some(1);
+    c.schemas.output_schema_id = Some(2);
+    c.schemas.dead_letter_schema_id = Some(3);
+    c.batch.max_wait = Duration::from_millis(5);
+    c.fetch.timeout = Duration::from_millis(300);
+    c.fetch.retries = 0;
+    c.pipeline.shutdown_deadline = Duration::from_secs(20);
+    c.validate().unwrap();
+    c
+}
+
+fn event(id: &str, image: ImageSource) -> ProductImageEvent {
+    ProductImageEvent {
+        event_id: format!("evt-{id}"),
+        product_id: id.to_string(),
+        image,
+        content_type: None,
+        metadata: BTreeMap::from([("case".to_string(), id.to_string())]),
+        event_time_ms: Some(1_700_000_000_000),
+    }
+}
+
+fn framed(e: &ProductImageEvent) -> Vec<u8> {
+    frame(1, &encode_event(e))
+}
+
+/// Outputs by key and dead letters by key, decoded.
+fn collect(records: &[ReadRecord]) -> (Vec<ProductAttributes>, HashMap<String, DeadLetter>) {
+    let mut outputs = Vec::new();
+    let mut dead = HashMap::new();
+    for r in records {
+        let (id, body) = unframe(&r.value).expect("framed output");
+        if r.topic == OUT {
+            assert_eq!(id, 2, "output schema id");
+            outputs.push(decode_attributes(body, product_attributes_schema()).expect("decodes"));
+        } else {
+            assert_eq!(id, 3, "dead-letter schema id");
+            let letter = decode_dead_letter(body, dead_letter_schema()).expect("decodes");
+            let key = String::from_utf8(r.key.clone().unwrap_or_default()).unwrap();
+            assert!(dead.insert(key, letter).is_none(), "one dead letter per input");
+        }
+    }
+    (outputs, dead)
+}
+
+fn assert_all_committed(brokers: &str, group: &str, partitions: i32) {
+    let committed = committed_offsets(brokers, group, IN, partitions);
+    let ends = end_offsets(brokers, IN, partitions);
+    assert_eq!(committed, ends, "committed offsets reach the end of every partition");
+}
+
+#[test]
+fn every_event_gives_one_output_or_a_dead_letter_with_its_reason() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 3), (OUT, 2), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shoe.png"), png(40, 30, [10, 20, 200])).unwrap();
+    let file_uri = |name: &str| format!("file://{}", dir.path().join(name).display());
+    let rocket = std::fs::read(common::root().join("assets/samples/rocket.jpg")).unwrap();
+    let mut corrupt_jpeg = rocket.clone();
+    corrupt_jpeg.iter_mut().skip(600).take(4000).for_each(|b| *b = 0x5a);
+    corrupt_jpeg.truncate(corrupt_jpeg.len() / 2);
+
+    let mut good: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let e = event(&format!("good-{i}"), ImageSource::Inline(png(20 + i, 16, [200, (i * 20) as u8, 30])));
+            (e.product_id.clone(), framed(&e))
+        })
+        .collect();
+    let from_file = event("good-file", ImageSource::Uri(file_uri("shoe.png")));
+    good.push((from_file.product_id.clone(), framed(&from_file)));
+
+    let valid_body = encode_event(&event("x", ImageSource::Inline(png(8, 8, [1, 2, 3]))));
+    let mut bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad-framing", b"definitely not avro".to_vec(), "bad_framing"),
+        ("bad-avro", frame(1, &[0x01]), "bad_avro"),
+        ("unknown-schema", frame(99, &valid_body), "unknown_schema"),
+        ("empty-image", framed(&event("empty-image", ImageSource::Inline(vec![]))), "empty_image"),
+        ("corrupt-jpeg", framed(&event("corrupt-jpeg", ImageSource::Inline(corrupt_jpeg))), "corrupt_image"),
+        (
+            "bomb",
+            framed(&event("bomb", ImageSource::Inline(png_header_only(50_000, 50_000)))),
+            "image_too_large",
+        ),
+        (
+            "missing-file",
+            framed(&event("missing-file", ImageSource::Uri(file_uri("nope.png")))),
+            "missing_image",
+        ),
+        (
+            "loopback-url",
+            framed(&event("loopback-url", ImageSource::Uri("http://127.0.0.1:9/a.png".into()))),
+            "blocked_address",
+        ),
+        (
+            "metadata-url",
+            framed(&event("metadata-url", ImageSource::Uri("http://169.254.169.254/latest/".into()))),
+            "blocked_address",
+        ),
+        (
+            "ftp-url",
+            framed(&event("ftp-url", ImageSource::Uri("ftp://example.com/a.png".into()))),
+            "unsupported_uri",
+        ),
+        (
+            "model-crash",
+            framed(&event("model-crash", ImageSource::Inline(png(16, 16, POISON_RGB)))),
+            "inference_failed",
+        ),
+    ];
+    let mut empty_id = event("empty-id", ImageSource::Inline(png(8, 8, [1, 2, 3])));
+    empty_id.event_id.clear();
+    bad.push(("empty-id", framed(&empty_id), "invalid_event"));
+
+    // Interleave good and bad so poison sits between good messages of the same partition.
+    let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for i in 0..good.len().max(bad.len()) {
+        if let Some((k, v)) = good.get(i) {
+            records.push((k.clone().into_bytes(), v.clone()));
+        }
+        if let Some((k, v, _)) = bad.get(i) {
+            records.push((k.as_bytes().to_vec(), v.clone()));
+        }
+    }
+    produce_raw(&brokers, IN, &records);
+
+    let mut cfg = config(&brokers, "g-poison");
+    cfg.fetch.file_root = Some(dir.path().to_path_buf());
+    let running = Running::start(cfg, fake_inference(2, Duration::from_millis(5)));
+    let read = read_topics(&brokers, &[OUT, DLQ], records.len(), Duration::from_secs(60));
+    let report = running.stop();
+
+    assert_eq!(read.len(), records.len(), "one record per event");
+    let (outputs, dead) = collect(&read);
+    let mut got: Vec<&str> = outputs.iter().map(|o| o.product_id.as_str()).collect();
+    got.sort_unstable();
+    let mut want: Vec<&str> = good.iter().map(|(k, _)| k.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    for o in &outputs {
+        assert_eq!(o.event_id, format!("evt-{}", o.product_id), "event id carried through");
+        assert_eq!(o.model.name, "fake");
+        assert_eq!(o.metadata.get("case"), Some(&o.product_id));
+        assert_eq!(o.detections.len(), 1);
+        assert_eq!(o.attributes.labels[0].label, "thing");
+        assert!(o.timings.total_ms > 0.0);
+    }
+    let shoe = outputs.iter().find(|o| o.product_id == "good-file").unwrap();
+    assert_eq!((shoe.image_width, shoe.image_height), (40, 30));
+    for (key, _, kind) in &bad {
+        let letter = dead.get(*key).unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(letter.error_kind, *kind, "{key}: {}", letter.error_message);
+        assert!(!letter.error_message.is_empty());
+        assert_eq!(letter.source_topic, IN);
+        let original = records.iter().find(|(k, _)| k == key.as_bytes()).unwrap();
+        assert_eq!(letter.original_value, original.1, "{key}: original bytes kept");
+        assert_eq!(letter.original_key.as_deref(), Some(key.as_bytes()));
+    }
+    assert_eq!(report.produced as usize, good.len());
+    assert_eq!(report.dead_lettered.values().sum::<u64>() as usize, bad.len());
+    assert_all_committed(&brokers, "g-poison", 3);
+}
+
+#[test]
+fn restart_resumes_from_committed_offsets_without_loss_or_duplicates() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 4), (OUT, 2), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let batch = |from: usize, to: usize| -> Vec<(Vec<u8>, Vec<u8>)> {
+        (from..to)
+            .map(|i| {
+                let e = event(&format!("p{i}"), ImageSource::Inline(png(12, 12, [i as u8, 0, 0])));
+                (e.product_id.clone().into_bytes(), framed(&e))
+            })
+            .collect()
+    };
+    produce_raw(&brokers, IN, &batch(0, 40));
+    let first = Running::start(config(&brokers, "g-restart"), fake_inference(1, Duration::from_millis(30)));
+    // Stop mid-stream, once some records are out.
+    let partial = read_topics(&brokers, &[OUT], 10, Duration::from_secs(60));
+    assert!(partial.len() >= 10);
+    let report1 = first.stop();
+    assert!(report1.produced >= 10 && (report1.produced as usize) < 40, "stopped mid-stream: {report1:?}");
+    assert_eq!(report1.abandoned, 0, "graceful stop drains everything it took");
+
+    produce_raw(&brokers, IN, &batch(40, 60));
+    let second = Running::start(config(&brokers, "g-restart"), fake_inference(2, Duration::from_millis(1)));
+    let all = read_topics(&brokers, &[OUT], 60, Duration::from_secs(60));
+    let report2 = second.stop();
+    // Read once more to see duplicates, if any arrived late.
+    let all = if all.len() == 60 { read_topics(&brokers, &[OUT], 1000, Duration::from_secs(2)) } else { all };
+    let (outputs, _) = collect(&all);
+    let ids: Vec<String> = outputs.iter().map(|o| o.event_id.clone()).collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 60, "every event processed");
+    assert_eq!(ids.len(), 60, "no duplicates after a graceful restart");
+    assert_eq!(report1.consumed + report2.consumed, 60, "the second run started where the first committed");
+    assert_all_committed(&brokers, "g-restart", 4);
+}
+
+#[test]
+fn two_instances_in_one_group_split_the_partitions() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 4), (OUT, 2), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let a = Running::start(config(&brokers, "g-split"), fake_inference(1, Duration::from_millis(20)));
+    let b = Running::start(config(&brokers, "g-split"), fake_inference(1, Duration::from_millis(20)));
+    // Let both join before the data arrives, so the split is visible.
+    std::thread::sleep(Duration::from_secs(4));
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..80)
+        .map(|i| {
+            let e = event(&format!("s{i}"), ImageSource::Inline(png(10, 10, [0, i as u8, 0])));
+            (e.product_id.clone().into_bytes(), framed(&e))
+        })
+        .collect();
+    produce_raw(&brokers, IN, &records);
+    let read = read_topics(&brokers, &[OUT], 80, Duration::from_secs(60));
+    let (ra, rb) = (a.stop(), b.stop());
+    let (outputs, _) = collect(&read);
+    let unique: HashSet<&str> = outputs.iter().map(|o| o.event_id.as_str()).collect();
+    assert_eq!(unique.len(), 80, "together they processed every event");
+    assert!(ra.consumed > 0 && rb.consumed > 0, "both instances got partitions: {ra:?} {rb:?}");
+    assert_all_committed(&brokers, "g-split", 4);
+}
+
+#[test]
+fn overload_pauses_the_consumer_and_loses_nothing() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..60)
+        .map(|i| {
+            let e = event(&format!("o{i}"), ImageSource::Inline(png(10, 10, [0, 0, i as u8])));
+            (e.product_id.clone().into_bytes(), framed(&e))
+        })
+        .collect();
+    produce_raw(&brokers, IN, &records);
+    let mut cfg = config(&brokers, "g-overload");
+    cfg.pipeline.max_in_flight = 6;
+    cfg.batch.max_batch_size = 2;
+    let running = Running::start(cfg, fake_inference(1, Duration::from_millis(20)));
+    let started = Instant::now();
+    let read = read_topics(&brokers, &[OUT], 60, Duration::from_secs(60));
+    let report = running.stop();
+    assert_eq!(read.len(), 60, "all processed after {:?}", started.elapsed());
+    assert!(report.pauses > 0, "the consumer paused under overload: {report:?}");
+    assert!(report.batches.mean_batch_size() <= 2.0);
+    assert_all_committed(&brokers, "g-overload", 2);
+}
+
+#[test]
+fn shutdown_with_nothing_to_do_is_prompt() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 1), (OUT, 1), (DLQ, 1)]).unwrap();
+    let running = Running::start(config(broker.bootstrap_servers(), "g-idle"), fake_inference(1, Duration::ZERO));
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let report = running.stop();
+    assert_eq!(report.consumed, 0);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
