@@ -413,7 +413,7 @@ impl ImageFetcher {
             return FetchError::retryable(
                 error_kinds::FETCH_TIMEOUT,
                 format!(
-                    "fetching image {shown} took longer than fetch.timeout ({}) per attempt, {} attempt(s); \
+                    "fetching image {shown} took longer than fetch.timeout ({}) per attempt ({} attempt(s) allowed); \
                      check the image host or raise fetch.timeout",
                     humantime_serde::re::humantime::format_duration(self.inner.config.timeout),
                     self.inner.config.retries + 1
@@ -629,7 +629,7 @@ fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
         (127, _, _) => "loopback",
         (169, 254, _) => "link-local (169.254.0.0/16, incl. cloud metadata)",
         (172, 16..=31, _) => "private (172.16.0.0/12)",
-        (192, 0, 0) => "IETF protocol assignment (192.0.0.0/24)",
+        (192, 0, 0) => "IETF protocol-assignment (192.0.0.0/24)",
         (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation (TEST-NET)",
         (192, 88, 99) => "6to4 relay anycast (192.88.99.0/24)",
         (192, 168, _) => "private (192.168.0.0/16)",
@@ -649,27 +649,27 @@ fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
         return Some("loopback");
     }
     if let Some(v4) = ip.to_ipv4_mapped() {
-        return blocked_v4(v4).map(|_| "IPv4-mapped IPv6 form of a blocked IPv4 address");
+        return blocked_v4(v4).map(|_| "IPv4-mapped IPv6 (embedding a blocked IPv4)");
     }
     let s = ip.segments();
     let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     let reason = match s {
         // ::a.b.c.d (deprecated IPv4-compatible); :: and ::1 were handled above.
-        [0, 0, 0, 0, 0, 0, _, _] => "IPv4-compatible IPv6 (deprecated, ::/96)",
+        [0, 0, 0, 0, 0, 0, _, _] => "deprecated IPv4-compatible IPv6 (::/96)",
         // NAT64 well-known prefix: judged by the IPv4 address it translates to.
         [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => {
-            return blocked_v4(embedded_v4(hi, lo)).map(|_| "NAT64 form of a blocked IPv4 address");
+            return blocked_v4(embedded_v4(hi, lo)).map(|_| "NAT64 (embedding a blocked IPv4)");
         }
         [0x64, 0xff9b, 1, ..] => "NAT64 local-use (64:ff9b:1::/48)",
         [0x100, 0, 0, 0, ..] => "discard-only (100::/64)",
         [0x2001, 0xdb8, ..] => "documentation (2001:db8::/32)",
         [0x2002, hi, lo, ..] => {
-            return blocked_v4(embedded_v4(hi, lo)).map(|_| "6to4 form of a blocked IPv4 address");
+            return blocked_v4(embedded_v4(hi, lo)).map(|_| "6to4 (embedding a blocked IPv4)");
         }
         [first, ..] if first & 0xfff0 == 0x3ff0 => "documentation (3fff::/20)",
         [first, ..] if first & 0xfe00 == 0xfc00 => "unique-local/private (fc00::/7)",
         [first, ..] if first & 0xffc0 == 0xfe80 => "link-local (fe80::/10)",
-        [first, ..] if first & 0xffc0 == 0xfec0 => "site-local (fec0::/10, deprecated)",
+        [first, ..] if first & 0xffc0 == 0xfec0 => "deprecated site-local (fec0::/10)",
         [first, ..] if first & 0xff00 == 0xff00 => "multicast",
         _ => return None,
     };
@@ -692,16 +692,11 @@ impl fmt::Display for GuardRefusal {
 
 impl StdError for GuardRefusal {}
 
-fn blocked_message(url: &str, host: &str, ip: IpAddr, reason: &str) -> String {
-    let via = if host.trim_start_matches('[').trim_end_matches(']') == ip.to_string() {
-        String::new()
-    } else {
-        format!("{host} resolves to ")
-    };
-    format!(
-        "image URI {url}: {via}{ip}, a {reason} address, is refused by the SSRF guard; \
-         if this host is trusted, set {ALLOW_PRIVATE_KEY} = true"
-    )
+/// The refusal text. `subject` is what was refused: a redacted URL, or `host NAME` in the
+/// resolver (which does not see the URL); `resolved` says the address came from DNS.
+fn blocked_message(subject: &str, ip: IpAddr, reason: &str, resolved: bool) -> String {
+    let what = if resolved { format!("it resolves to {ip}, a {reason} address") } else { format!("{ip} is a {reason} address") };
+    format!("{subject} is refused by the SSRF guard: {what}; if this host is trusted, set {ALLOW_PRIVATE_KEY} = true")
 }
 
 /// Refuses a URL whose host is a blocked IP literal (hostnames are checked by the resolver;
@@ -721,7 +716,7 @@ fn check_ip_literal(url: &Url, classify: AddressClassifier) -> Result<(), FetchE
     match classify(ip) {
         Some(reason) => Err(FetchError::new(
             error_kinds::BLOCKED_ADDRESS,
-            blocked_message(&redact(url), url.host_str().unwrap_or_default(), ip, reason),
+            blocked_message(&format!("image URI {}", redact(url)), ip, reason, false),
         )),
         None => Ok(()),
     }
@@ -772,7 +767,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             for addr in &addrs {
                 if let Some(reason) = classify(addr.ip()) {
-                    let message = blocked_message(&format!("host {host}"), &host, addr.ip(), reason);
+                    let message = blocked_message(&format!("host {host}"), addr.ip(), reason, true);
                     return Err(Box::new(GuardRefusal { kind: error_kinds::BLOCKED_ADDRESS, message }) as _);
                 }
             }
@@ -859,7 +854,7 @@ fn s3_error(shown: &str, error: object_store::Error, config: &FetchConfig) -> Fe
         Some(HttpErrorKind::Timeout) => FetchError::new(
             error_kinds::FETCH_TIMEOUT,
             format!(
-                "fetching image {shown} took longer than fetch.timeout ({}) per attempt, {} attempt(s); check the S3 endpoint",
+                "fetching image {shown} took longer than fetch.timeout ({}) per attempt ({} attempt(s) allowed); check the S3 endpoint",
                 humantime_serde::re::humantime::format_duration(config.timeout),
                 config.retries + 1
             ),
@@ -871,7 +866,10 @@ fn s3_error(shown: &str, error: object_store::Error, config: &FetchConfig) -> Fe
         // No transport error underneath: the server answered with an error status.
         None => FetchError::new(
             error_kinds::FETCH_HTTP_STATUS,
-            format!("fetching image {shown} failed: {}", error_chain(&error)),
+            format!(
+                "fetching image {shown} failed: {}; check the object, the S3 endpoint and the credentials",
+                error_chain(&error).trim_end_matches([' ', ':'])
+            ),
         ),
     }
 }

@@ -242,7 +242,10 @@ fn restart_resumes_from_committed_offsets_without_loss_or_duplicates() {
             .collect()
     };
     produce_raw(&brokers, IN, &batch(0, 40));
-    let first = Running::start(config(&brokers, "g-restart"), fake_inference(1, Duration::from_millis(30)));
+    let mut slow = config(&brokers, "g-restart");
+    slow.batch.max_batch_size = 1;
+    slow.pipeline.max_in_flight = 4;
+    let first = Running::start(slow, fake_inference(1, Duration::from_millis(100)));
     // Stop mid-stream, once some records are out.
     let partial = read_topics(&brokers, &[OUT], 10, Duration::from_secs(60));
     assert!(partial.len() >= 10);

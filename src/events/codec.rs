@@ -740,6 +740,10 @@ mod tests {
         }
     }
 
+    pub(super) fn attributes_for_perf() -> ProductAttributes {
+        attributes()
+    }
+
     fn attributes() -> ProductAttributes {
         let b = BoxRecord { x_min: 1.5, y_min: 2.25, x_max: 100.0, y_max: 80.125 };
         let n = BoxRecord { x_min: 0.01, y_min: 0.02, x_max: 0.9, y_max: 0.8 };
@@ -972,5 +976,37 @@ mod tests {
             walk(&serde_json::from_str(json).unwrap(), "", &mut missing);
         }
         assert!(missing.is_empty(), "records or fields without doc: {missing:?}");
+    }
+}
+
+#[cfg(test)]
+mod perf_tmp {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn perf_tmp() {
+        let mut a = super::tests::attributes_for_perf();
+        for i in 0..18 { let d = a.detections[0].clone(); a.detections.push(DetectionRecord { label_id: i, ..d }); }
+        let n = 20000;
+        let t = std::time::Instant::now();
+        let mut total = 0;
+        for _ in 0..n { total += encode_attributes(&a).len(); }
+        println!("encode_attributes (20 dets, {} bytes): {:.1} us", total / n, t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        let e = ProductImageEvent { event_id: "e-123".into(), product_id: "p-456".into(), image: ImageSource::Uri("https://cdn.example.com/images/p-456/main.jpg".into()), content_type: Some("image/jpeg".into()), metadata: [("a".to_owned(), "b".to_owned())].into(), event_time_ms: Some(1) };
+        let body = encode_event(&e);
+        let t = std::time::Instant::now();
+        for _ in 0..n { let _ = encode_event(&e); }
+        println!("encode_event: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        let t = std::time::Instant::now();
+        for _ in 0..n { decode_event(&body, product_image_event_schema()).unwrap(); }
+        println!("decode_event: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        let ab = encode_attributes(&a);
+        let t = std::time::Instant::now();
+        for _ in 0..2000 { decode_attributes(&ab, product_attributes_schema()).unwrap(); }
+        println!("decode_attributes: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / 2000.0);
+        let d = DeadLetter { original_key: None, original_value: body.clone(), source_topic: "t".into(), source_partition: 0, source_offset: 1, event_id: None, product_id: None, error_kind: "x".into(), error_message: "y".into(), failed_time_ms: 0 };
+        let t = std::time::Instant::now();
+        for _ in 0..n { let _ = encode_dead_letter(&d); }
+        println!("encode_dead_letter: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / n as f64);
     }
 }

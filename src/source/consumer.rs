@@ -174,8 +174,14 @@ fn store<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, moved: &[(
     if moved.is_empty() {
         return;
     }
-    let mut tpl = TopicPartitionList::new();
+    // One entry per partition (the furthest position): librdkafka keeps only one per partition.
+    let mut furthest: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for &(partition, next) in moved {
+        let entry = furthest.entry(partition).or_insert(next);
+        *entry = (*entry).max(next);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (&partition, &next) in &furthest {
         if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(next)) {
             tracing::warn!(error = %e, partition, "cannot add offset to store");
         }
