@@ -107,6 +107,9 @@ pub struct DemoArgs {
     /// show the dead-letter topic.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub with_bad_events: bool,
+    /// Print each record as a JSON line instead of a one-line summary.
+    #[arg(long)]
+    pub json: bool,
     /// Give up if the records have not all arrived after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,

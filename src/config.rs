@@ -56,10 +56,13 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     /// librdkafka properties for every client (security.protocol, sasl.*, ssl.*, …).
     /// In the environment write dots as `_`: `ATTRSTREAM_KAFKA__OPTIONS__SECURITY_PROTOCOL`.
+    #[serde(deserialize_with = "scalar_string_map")]
     pub options: BTreeMap<String, String>,
     /// librdkafka properties for the consumer only (applied after `options`).
+    #[serde(deserialize_with = "scalar_string_map")]
     pub consumer_options: BTreeMap<String, String>,
     /// librdkafka properties for the producer only (applied after `options`).
+    #[serde(deserialize_with = "scalar_string_map")]
     pub producer_options: BTreeMap<String, String>,
     /// How often stored offsets are committed (they are also committed on rebalance and shutdown).
     #[serde(with = "humantime_serde")]
@@ -257,6 +260,32 @@ impl Default for PipelineConfig {
 }
 
 const REDACTED: &str = "<redacted>";
+
+/// librdkafka takes every property as a string, but TOML and environment variables give
+/// `true` or `5000` typed values: accept any scalar and keep its text.
+fn scalar_string_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Bool(bool),
+        Int(i64),
+        Float(f64),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Scalar::Text(s) => s,
+                Scalar::Bool(b) => b.to_string(),
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+            };
+            (k, text)
+        })
+        .collect())
+}
 
 /// True for librdkafka property names whose values are secrets.
 pub fn is_secret_key(key: &str) -> bool {
@@ -481,6 +510,21 @@ mod tests {
             assert!(err.contains("enable.auto.offset.store"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn shipped_example_config_parses_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config/attrstream.toml");
+        let loaded = Config::load(Some(&path), &fixed_ids()).unwrap();
+        let mut expected = Config::default();
+        expected.schemas.input_schema_id = Some(1);
+        expected.schemas.output_schema_id = Some(2);
+        expected.schemas.dead_letter_schema_id = Some(3);
+        assert_eq!(
+            toml::to_string(&loaded).unwrap(),
+            toml::to_string(&expected).unwrap(),
+            "deploy/config/attrstream.toml documents the defaults"
+        );
     }
 
     #[test]

@@ -115,7 +115,10 @@ impl FetchConfig {
     /// Checks the settings, with errors that name the offending key.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.timeout.is_zero(), "fetch.timeout must be greater than zero");
-        anyhow::ensure!(!self.connect_timeout.is_zero(), "fetch.connect_timeout must be greater than zero");
+        anyhow::ensure!(
+            !self.connect_timeout.is_zero(),
+            "fetch.connect_timeout must be greater than zero"
+        );
         anyhow::ensure!(self.max_bytes > 0, "fetch.max_bytes must be greater than zero");
         anyhow::ensure!(self.max_concurrency > 0, "fetch.max_concurrency must be at least 1");
         anyhow::ensure!(
@@ -158,11 +161,19 @@ pub struct FetchError {
 
 impl FetchError {
     fn new(kind: &'static str, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), retryable: false }
+        Self {
+            kind,
+            message: message.into(),
+            retryable: false,
+        }
     }
 
     fn retryable(kind: &'static str, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), retryable: true }
+        Self {
+            kind,
+            message: message.into(),
+            retryable: true,
+        }
     }
 
     /// One of [`crate::events::error_kinds`] (`missing_image`, `blocked_address`, …).
@@ -234,7 +245,10 @@ impl ImageFetcher {
         config.validate()?;
         let file_root = match &config.file_root {
             Some(root) => Some(std::fs::canonicalize(root).with_context(|| {
-                format!("fetch.file_root {} cannot be opened (it must be an existing directory)", root.display())
+                format!(
+                    "fetch.file_root {} cannot be opened (it must be an existing directory)",
+                    root.display()
+                )
             })?),
             None => None,
         };
@@ -293,7 +307,10 @@ impl ImageFetcher {
             }
             ImageSource::Uri(uri) => self.fetch_uri(uri).await?,
         };
-        Ok(FetchedImage { bytes, elapsed: start.elapsed() })
+        Ok(FetchedImage {
+            bytes,
+            elapsed: start.elapsed(),
+        })
     }
 
     async fn fetch_uri(&self, uri: &str) -> Result<Bytes, FetchError> {
@@ -426,10 +443,17 @@ impl ImageFetcher {
                 format!("image URI {shown} cannot be requested: {}", error_chain(error)),
             );
         }
-        let what = if error.is_connect() { "connecting to the server failed" } else { "the request failed" };
+        let what = if error.is_connect() {
+            "connecting to the server failed"
+        } else {
+            "the request failed"
+        };
         FetchError::retryable(
             error_kinds::FETCH_FAILED,
-            format!("fetching image {shown}: {what}: {}; check that the host is reachable", error_chain(error)),
+            format!(
+                "fetching image {shown}: {what}: {}; check that the host is reachable",
+                error_chain(error)
+            ),
         )
     }
 
@@ -448,7 +472,10 @@ impl ImageFetcher {
         let path = url.to_file_path().map_err(|()| {
             FetchError::new(
                 error_kinds::UNSUPPORTED_URI,
-                format!("image URI {} is not a local file path (file:///absolute/path, no host)", redact(url)),
+                format!(
+                    "image URI {} is not a local file path (file:///absolute/path, no host)",
+                    redact(url)
+                ),
             )
         })?;
         let timeout = self.inner.config.timeout;
@@ -514,7 +541,10 @@ impl ImageFetcher {
         if !metadata.is_file() {
             return Err(FetchError::new(
                 error_kinds::MISSING_IMAGE,
-                format!("{} is not a regular file; file:// URIs must name image files", path.display()),
+                format!(
+                    "{} is not a regular file; file:// URIs must name image files",
+                    path.display()
+                ),
             ));
         }
         let what = format!("image file {}", path.display());
@@ -522,7 +552,10 @@ impl ImageFetcher {
         // The file may grow after the metadata check: read at most one byte over the limit.
         let limit = self.inner.config.max_bytes;
         let mut data = Vec::with_capacity(metadata.len() as usize);
-        file.take(limit.saturating_add(1)).read_to_end(&mut data).await.map_err(io_error)?;
+        file.take(limit.saturating_add(1))
+            .read_to_end(&mut data)
+            .await
+            .map_err(io_error)?;
         if data.len() as u64 > limit {
             return Err(too_large(&what, None, limit));
         }
@@ -537,7 +570,10 @@ impl ImageFetcher {
         let shown = format!("s3://{bucket}/{key}");
         let _permit = self.permit().await;
         // object_store retries the request itself (configured from our settings).
-        let result = store.get(&key).await.map_err(|e| s3_error(&shown, e, &self.inner.config))?;
+        let result = store
+            .get(&key)
+            .await
+            .map_err(|e| s3_error(&shown, e, &self.inner.config))?;
         self.check_size(result.meta.size, &format!("image {shown}"))?;
         let limit = self.inner.config.max_bytes;
         let mut body = BytesMut::with_capacity(result.meta.size as usize);
@@ -569,8 +605,7 @@ impl ImageFetcher {
                     base: 2.0,
                 },
                 max_retries: config.retries as usize,
-                retry_timeout: (config.timeout + MAX_RETRY_BACKOFF.max(config.retry_backoff))
-                    * (config.retries + 1),
+                retry_timeout: (config.timeout + MAX_RETRY_BACKOFF.max(config.retry_backoff)) * (config.retries + 1),
             })
             .with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
@@ -580,7 +615,10 @@ impl ImageFetcher {
                 AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
                 format!("{}ms", config.connect_timeout.as_millis()),
             )
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::UserAgent), config.user_agent.clone());
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::UserAgent),
+                config.user_agent.clone(),
+            );
         if let Some(endpoint) = &config.s3_endpoint {
             builder = builder
                 .with_endpoint(endpoint.clone())
@@ -590,7 +628,9 @@ impl ImageFetcher {
         let store = Arc::new(builder.build().map_err(|e| {
             FetchError::new(
                 error_kinds::FETCH_FAILED,
-                format!("cannot set up S3 access for bucket {bucket:?}: {e}; check fetch.s3_* and the AWS_* environment"),
+                format!(
+                    "cannot set up S3 access for bucket {bucket:?}: {e}; check fetch.s3_* and the AWS_* environment"
+                ),
             )
         })?);
         if cache.len() >= MAX_CACHED_BUCKETS {
@@ -623,19 +663,19 @@ fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
     let reason = match (a, b, c) {
         _ if ip.is_unspecified() => "unspecified",
         _ if ip.is_broadcast() => "broadcast",
-        (0, _, _) => "\"this network\" (0.0.0.0/8)",
-        (10, _, _) => "private (10.0.0.0/8)",
-        (100, 64..=127, _) => "shared/CGNAT (100.64.0.0/10)",
+        (0, _, _) => "\"this network\", 0.0.0.0/8",
+        (10, _, _) => "private, 10.0.0.0/8",
+        (100, 64..=127, _) => "shared/CGNAT, 100.64.0.0/10",
         (127, _, _) => "loopback",
-        (169, 254, _) => "link-local (169.254.0.0/16, incl. cloud metadata)",
-        (172, 16..=31, _) => "private (172.16.0.0/12)",
-        (192, 0, 0) => "IETF protocol-assignment (192.0.0.0/24)",
-        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation (TEST-NET)",
-        (192, 88, 99) => "6to4 relay anycast (192.88.99.0/24)",
-        (192, 168, _) => "private (192.168.0.0/16)",
-        (198, 18..=19, _) => "benchmarking (198.18.0.0/15)",
+        (169, 254, _) => "link-local, 169.254.0.0/16, incl. cloud metadata",
+        (172, 16..=31, _) => "private, 172.16.0.0/12",
+        (192, 0, 0) => "IETF protocol-assignment, 192.0.0.0/24",
+        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation, TEST-NET",
+        (192, 88, 99) => "6to4 relay anycast, 192.88.99.0/24",
+        (192, 168, _) => "private, 192.168.0.0/16",
+        (198, 18..=19, _) => "benchmarking, 198.18.0.0/15",
         (224..=239, _, _) => "multicast",
-        (240..=255, _, _) => "reserved (240.0.0.0/4)",
+        (240..=255, _, _) => "reserved, 240.0.0.0/4",
         _ => return None,
     };
     Some(reason)
@@ -649,27 +689,27 @@ fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
         return Some("loopback");
     }
     if let Some(v4) = ip.to_ipv4_mapped() {
-        return blocked_v4(v4).map(|_| "IPv4-mapped IPv6 (embedding a blocked IPv4)");
+        return blocked_v4(v4);
     }
     let s = ip.segments();
     let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     let reason = match s {
         // ::a.b.c.d (deprecated IPv4-compatible); :: and ::1 were handled above.
-        [0, 0, 0, 0, 0, 0, _, _] => "deprecated IPv4-compatible IPv6 (::/96)",
+        [0, 0, 0, 0, 0, 0, _, _] => "deprecated IPv4-compatible IPv6, ::/96",
         // NAT64 well-known prefix: judged by the IPv4 address it translates to.
         [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => {
-            return blocked_v4(embedded_v4(hi, lo)).map(|_| "NAT64 (embedding a blocked IPv4)");
+            return blocked_v4(embedded_v4(hi, lo));
         }
-        [0x64, 0xff9b, 1, ..] => "NAT64 local-use (64:ff9b:1::/48)",
-        [0x100, 0, 0, 0, ..] => "discard-only (100::/64)",
-        [0x2001, 0xdb8, ..] => "documentation (2001:db8::/32)",
+        [0x64, 0xff9b, 1, ..] => "NAT64 local-use, 64:ff9b:1::/48",
+        [0x100, 0, 0, 0, ..] => "discard-only, 100::/64",
+        [0x2001, 0xdb8, ..] => "documentation, 2001:db8::/32",
         [0x2002, hi, lo, ..] => {
-            return blocked_v4(embedded_v4(hi, lo)).map(|_| "6to4 (embedding a blocked IPv4)");
+            return blocked_v4(embedded_v4(hi, lo));
         }
-        [first, ..] if first & 0xfff0 == 0x3ff0 => "documentation (3fff::/20)",
-        [first, ..] if first & 0xfe00 == 0xfc00 => "unique-local/private (fc00::/7)",
-        [first, ..] if first & 0xffc0 == 0xfe80 => "link-local (fe80::/10)",
-        [first, ..] if first & 0xffc0 == 0xfec0 => "deprecated site-local (fec0::/10)",
+        [first, ..] if first & 0xfff0 == 0x3ff0 => "documentation, 3fff::/20",
+        [first, ..] if first & 0xfe00 == 0xfc00 => "unique-local/private, fc00::/7",
+        [first, ..] if first & 0xffc0 == 0xfe80 => "link-local, fe80::/10",
+        [first, ..] if first & 0xffc0 == 0xfec0 => "deprecated site-local, fec0::/10",
         [first, ..] if first & 0xff00 == 0xff00 => "multicast",
         _ => return None,
     };
@@ -695,7 +735,11 @@ impl StdError for GuardRefusal {}
 /// The refusal text. `subject` is what was refused: a redacted URL, or `host NAME` in the
 /// resolver (which does not see the URL); `resolved` says the address came from DNS.
 fn blocked_message(subject: &str, ip: IpAddr, reason: &str, resolved: bool) -> String {
-    let what = if resolved { format!("it resolves to {ip}, a {reason} address") } else { format!("{ip} is a {reason} address") };
+    let what = if resolved {
+        format!("it resolves to {ip}, which is not a public address ({reason})")
+    } else {
+        format!("{ip} is not a public address ({reason})")
+    };
     format!("{subject} is refused by the SSRF guard: {what}; if this host is trusted, set {ALLOW_PRIVATE_KEY} = true")
 }
 
@@ -728,7 +772,10 @@ fn check_redirect(next: &Url, previous: usize, classify: Option<AddressClassifie
     if previous > MAX_REDIRECTS {
         return Err(FetchError::new(
             error_kinds::FETCH_FAILED,
-            format!("image fetch was redirected more than {MAX_REDIRECTS} times (last to {}); fix the URI", redact(next)),
+            format!(
+                "image fetch was redirected more than {MAX_REDIRECTS} times (last to {}); fix the URI",
+                redact(next)
+            ),
         ));
     }
     if !matches!(next.scheme(), "http" | "https") {
@@ -747,7 +794,10 @@ fn redirect_policy(classify: Option<AddressClassifier>) -> reqwest::redirect::Po
     reqwest::redirect::Policy::custom(move |attempt| {
         match check_redirect(attempt.url(), attempt.previous().len(), classify) {
             Ok(()) => attempt.follow(),
-            Err(e) => attempt.error(GuardRefusal { kind: e.kind, message: e.message }),
+            Err(e) => attempt.error(GuardRefusal {
+                kind: e.kind,
+                message: e.message,
+            }),
         }
     })
 }
@@ -768,7 +818,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
             for addr in &addrs {
                 if let Some(reason) = classify(addr.ip()) {
                     let message = blocked_message(&format!("host {host}"), addr.ip(), reason, true);
-                    return Err(Box::new(GuardRefusal { kind: error_kinds::BLOCKED_ADDRESS, message }) as _);
+                    return Err(Box::new(GuardRefusal {
+                        kind: error_kinds::BLOCKED_ADDRESS,
+                        message,
+                    }) as _);
                 }
             }
             if addrs.is_empty() {
@@ -810,14 +863,20 @@ fn parse_s3_url(url: &Url) -> Result<(String, object_store::path::Path), FetchEr
     };
     let bucket = url.host_str().unwrap_or_default();
     let valid_bucket = (3..=63).contains(&bucket.len())
-        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
         && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
     if !valid_bucket {
-        return Err(bad("the bucket name must be 3-63 lowercase letters, digits, dots or hyphens"));
+        return Err(bad(
+            "the bucket name must be 3-63 lowercase letters, digits, dots or hyphens",
+        ));
     }
     if url.port().is_some() || !url.username().is_empty() || url.password().is_some() {
-        return Err(bad("no port or credentials allowed (configure fetch.s3_endpoint and AWS_* instead)"));
+        return Err(bad(
+            "no port or credentials allowed (configure fetch.s3_endpoint and AWS_* instead)",
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("percent-encode '?' and '#' in the key"));
@@ -1040,15 +1099,26 @@ mod tests {
         let err = check_redirect(&metadata, 1, Some(blocked_address_reason)).unwrap_err();
         assert_eq!(err.kind(), error_kinds::BLOCKED_ADDRESS);
         assert!(err.message().contains("169.254.169.254"), "{}", err.message());
-        assert_eq!(check_redirect(&mapped, 1, Some(blocked_address_reason)).unwrap_err().kind(), "blocked_address");
+        assert_eq!(
+            check_redirect(&mapped, 1, Some(blocked_address_reason))
+                .unwrap_err()
+                .kind(),
+            "blocked_address"
+        );
         // Guard off: private hops are followed.
         check_redirect(&metadata, 1, None).unwrap();
         // Hop limit, guard on or off.
         check_redirect(&public, MAX_REDIRECTS, None).unwrap();
-        assert_eq!(check_redirect(&public, MAX_REDIRECTS + 1, None).unwrap_err().kind(), error_kinds::FETCH_FAILED);
+        assert_eq!(
+            check_redirect(&public, MAX_REDIRECTS + 1, None).unwrap_err().kind(),
+            error_kinds::FETCH_FAILED
+        );
         // Only http(s) hops.
         let file = Url::parse("file:///etc/passwd").unwrap();
-        assert_eq!(check_redirect(&file, 1, None).unwrap_err().kind(), error_kinds::UNSUPPORTED_URI);
+        assert_eq!(
+            check_redirect(&file, 1, None).unwrap_err().kind(),
+            error_kinds::UNSUPPORTED_URI
+        );
     }
 
     #[test]
@@ -1117,6 +1187,11 @@ mod tests {
         assert_eq!(config.timeout, Duration::from_millis(300));
         assert!(serde_json::from_str::<FetchConfig>(r#"{"secret_access_key": "x"}"#).is_err());
         config.validate().unwrap();
-        assert!(FetchConfig { max_concurrency: 0, ..FetchConfig::default() }.validate().is_err());
+        assert!(FetchConfig {
+            max_concurrency: 0,
+            ..FetchConfig::default()
+        }
+        .validate()
+        .is_err());
     }
 }

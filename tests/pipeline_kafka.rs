@@ -326,3 +326,59 @@ fn shutdown_with_nothing_to_do_is_prompt() {
     assert_eq!(report.consumed, 0);
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
+
+/// A local HTTP server: /ok.png (a photo), /missing (404), /slow (answers after 3 s).
+fn image_server() -> (String, std::thread::JoinHandle<()>) {
+    use axum::routing::get;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new()
+                .route("/ok.png", get(|| async { png(24, 18, [0, 128, 0]) }))
+                .route(
+                    "/slow",
+                    get(|| async {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        png(8, 8, [0, 0, 0])
+                    }),
+                );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (url, handle)
+}
+
+#[test]
+fn http_images_are_fetched_and_404_and_timeouts_are_dead_lettered() {
+    let (url, _server) = image_server();
+    let broker = EmbeddedBroker::start(1, &[(IN, 1), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let cases = [
+        ("http-ok", format!("{url}/ok.png")),
+        ("http-404", format!("{url}/missing")),
+        ("http-timeout", format!("{url}/slow")),
+        ("http-after", format!("{url}/ok.png")),
+    ];
+    let records: Vec<(Vec<u8>, Vec<u8>)> = cases
+        .iter()
+        .map(|(id, uri)| (id.as_bytes().to_vec(), framed(&event(id, ImageSource::Uri(uri.clone())))))
+        .collect();
+    produce_raw(&brokers, IN, &records);
+    let mut cfg = config(&brokers, "g-http");
+    cfg.fetch.allow_private_addresses = true; // the test server is on loopback
+    let running = Running::start(cfg, fake_inference(1, Duration::ZERO));
+    let read = read_topics(&brokers, &[OUT, DLQ], records.len(), Duration::from_secs(30));
+    running.stop();
+    let (outputs, dead) = collect(&read);
+    let mut ok: Vec<&str> = outputs.iter().map(|o| o.product_id.as_str()).collect();
+    ok.sort_unstable();
+    assert_eq!(ok, vec!["http-after", "http-ok"]);
+    assert!(outputs.iter().all(|o| (o.image_width, o.image_height) == (24, 18)));
+    assert_eq!(dead["http-404"].error_kind, "missing_image", "{}", dead["http-404"].error_message);
+    assert_eq!(dead["http-timeout"].error_kind, "fetch_timeout", "{}", dead["http-timeout"].error_message);
+    assert_all_committed(&brokers, "g-http", 1);
+}

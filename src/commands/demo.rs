@@ -53,6 +53,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let expected = events.len();
     let out = args.out.clone();
+    let json = args.json;
     let timeout = Duration::from_secs(args.timeout_secs);
     let (report, seen) = runtime()?.block_on(async move {
         let producer = create_producer(&producer_properties(&config))?;
@@ -63,6 +64,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             expected,
             sources,
             out,
+            json,
             done_tx,
         ));
         let shutdown = async move {
@@ -169,6 +171,7 @@ async fn watch_outputs(
     expected: usize,
     sources: HashMap<String, PathBuf>,
     out: PathBuf,
+    print_json: bool,
     done: oneshot::Sender<()>,
 ) -> Result<usize> {
     let consumer: StreamConsumer = ClientConfig::new()
@@ -183,19 +186,26 @@ async fn watch_outputs(
         let msg = consumer.recv().await?;
         let dead = msg.topic() == DEAD_LETTERS;
         let json = decode_json(msg.payload().unwrap_or_default(), dead, None).await?;
-        println!("{json}");
+        if print_json {
+            println!("{json}");
+        }
         writeln!(records, "{json}")?;
         if dead {
             let letter: DeadLetter = serde_json::from_value(json)?;
-            eprintln!(
-                "  dead letter  {:<16} {}: {}",
+            let line = format!(
+                "dead letter  {:<16} {}: {}",
                 letter.product_id.unwrap_or_default(),
                 letter.error_kind,
                 letter.error_message
             );
+            if !print_json {
+                println!("{line}");
+            }
         } else {
             let record: ProductAttributes = serde_json::from_value(json)?;
-            eprintln!("  attributes   {}", summary(&record));
+            if !print_json {
+                println!("attributes   {}", summary(&record));
+            }
             if let Some(path) = sources.get(&record.product_id) {
                 if let Err(e) = annotate_file(path, &record, &out) {
                     eprintln!("  (could not annotate {}: {e:#})", path.display());

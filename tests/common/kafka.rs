@@ -29,7 +29,10 @@ pub fn produce_raw(brokers: &str, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
                 Ok(()) => break,
                 Err((e, _)) => {
                     assert!(
-                        matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        matches!(
+                            e.rdkafka_error_code(),
+                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        ),
                         "produce failed: {e}"
                     );
                     producer.poll(Duration::from_millis(10));

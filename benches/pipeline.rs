@@ -1,0 +1,1132 @@
+//! The serve pipeline end to end through Kafka (the in-process broker), three figures:
+//!
+//! 1. **Throughput against the bare detector.** The sample photos are published inline as M
+//!    Confluent-framed events before the service starts; the service (`pipeline::run` with
+//!    the same worker factory `serve` uses) works off that backlog, and a reader consumer
+//!    timestamps each output record as it arrives. The bare detector is the same factory's
+//!    backend on the same devices and threads, timed on batches of the same decoded photos
+//!    at `batch.max_batch_size`, half before and half after the pipeline run. Printed:
+//!    both imgs/s and pipeline ÷ bare (goal ≥ 0.95).
+//! 2. **The pipeline's own ceiling.** Tiny inline PNGs and an identity inference step that
+//!    lives only in this file: everything but the model, in msgs/s (goal ≥ 20,000 on 2
+//!    cores).
+//! 3. **Latency at half capacity.** With the real model, a producer thread publishes at
+//!    0.5 × the throughput of step 1 for a fixed time, stamping each event with its send
+//!    time; latency is the output record's arrival at the reader minus that send time
+//!    (same clock, same process). Printed: p50, p99, max and the count.
+//!
+//! Throughput is measured in the steady state: from the moment the batch holding the
+//! K-th output record (K = 10% of M, at least 2 batches) has been read back, to the last
+//! record, counting the records read in between. That excludes model loading, the group
+//! join and the first, cold batches on both sides of the comparison.
+//!
+//! Run: `scripts/bench-pipeline` (or `cargo bench --bench pipeline`). Environment:
+//! `BENCH_DEVICES` (default `cpu`; e.g. `cuda:0,cuda:0` for two workers on one GPU),
+//! `BENCH_THREADS` (libtorch threads per CPU worker; default as `serve`: cores ÷ CPU
+//! workers), `BENCH_EVENTS` (M, default 160 on the CPU, 2000 with a GPU), `BENCH_BATCH`
+//! (default 8, the service default), `BENCH_MAX_WAIT_MS` (default 10),
+//! `BENCH_LATENCY_SECS` (default 20), `BENCH_CEILING_EVENTS` (default 100,000),
+//! `BENCH_CEILING_PARTITIONS` (default 8), `BENCH_CEILING_BATCH` (default 64),
+//! `BENCH_CEILING_IN_FLIGHT` (default 8192), `BENCH_DECODE_THREADS` (default 0 = one per
+//! core), `BENCH_PHASES` (default `throughput,latency,ceiling`). Needs the SSD model that
+//! `scripts/setup` converts (or Faster R-CNN weights), no Python.
+//!
+//! The mock broker answers an empty fetch only after the consumer's `fetch.wait.max.ms`
+//! (500 ms by default) even when data arrives meanwhile, which a real broker does not; the
+//! service's consumer and the reader therefore run with `fetch.wait.max.ms = 10`.
+//!
+//! Exits 1 when records are missing, dead-lettered or a phase fails or times out.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use attrstream::config::{available_cores, Config};
+use attrstream::detection::ImageDetections;
+use attrstream::embedded_broker::EmbeddedBroker;
+use attrstream::events::codec::{decode_attributes, encode_event, product_attributes_schema};
+use attrstream::events::wire::{frame, unframe};
+use attrstream::events::{ImageSource, ModelRef, ProductAttributes, ProductImageEvent};
+use attrstream::pipeline::{Inference, RunReport};
+use attrstream::preprocess::{decode_image, DEFAULT_MAX_PIXELS};
+use attrstream::serve::detector_inference;
+use attrstream::workers::{BackendFactory, InferenceBackend};
+use image::RgbImage;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+#[allow(dead_code)]
+mod common;
+
+/// Input topic of every phase.
+const IN: &str = "bench-images";
+/// Output topic of every phase.
+const OUT: &str = "bench-attributes";
+/// Dead-letter topic of every phase.
+const DLQ: &str = "bench-dead-letters";
+/// Confluent schema ids (no registry: fixed ids, as in the tests and the demo).
+const INPUT_SCHEMA_ID: u32 = 1;
+/// Schema id of output records.
+const OUTPUT_SCHEMA_ID: u32 = 2;
+/// Schema id of dead letters.
+const DEAD_LETTER_SCHEMA_ID: u32 = 3;
+/// Metadata key carrying the send time (µs since the epoch) of latency-phase events.
+const SENT_US: &str = "bench_sent_us";
+/// Input bytes per partition kept below this, far from the mock broker's 5 MiB per partition.
+const BYTES_PER_PARTITION: usize = 2 << 20;
+/// The mock broker's wait on an empty fetch, lowered from librdkafka's 500 ms (see the top).
+const FETCH_WAIT_MS: &str = "10";
+
+/// What the environment asks for.
+#[derive(Debug, Clone)]
+struct Settings {
+    /// `model.devices` entries, one worker each.
+    devices: Vec<String>,
+    /// libtorch threads per CPU worker (0 = the service's rule, cores ÷ CPU workers).
+    threads: usize,
+    /// Events of the throughput phase (M).
+    events: usize,
+    /// `batch.max_batch_size` for the real model, and the bare detector's batch size.
+    batch: usize,
+    /// `batch.max_wait`.
+    max_wait: Duration,
+    /// Seconds of paced traffic in the latency phase.
+    latency_secs: u64,
+    /// Events of the ceiling phase.
+    ceiling_events: usize,
+    /// Input partitions of the ceiling phase.
+    ceiling_partitions: i32,
+    /// `batch.max_batch_size` of the ceiling phase.
+    ceiling_batch: usize,
+    /// `pipeline.max_in_flight` of the ceiling phase.
+    ceiling_in_flight: usize,
+    /// `decode.threads` (0 = one per core).
+    decode_threads: usize,
+    /// Which phases run.
+    phases: Vec<String>,
+}
+
+impl Settings {
+    /// Reads the `BENCH_*` variables.
+    fn from_env() -> Self {
+        let devices: Vec<String> = std::env::var("BENCH_DEVICES")
+            .unwrap_or_else(|_| "cpu".into())
+            .split(',')
+            .map(|d| d.trim().to_string())
+            .filter(|d| !d.is_empty())
+            .collect();
+        let gpu = devices.iter().any(|d| d.starts_with("cuda") || d == "auto");
+        let phases = std::env::var("BENCH_PHASES")
+            .unwrap_or_else(|_| "throughput,latency,ceiling".into())
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        Self {
+            devices,
+            threads: common::env_or("BENCH_THREADS", 0),
+            events: common::env_or("BENCH_EVENTS", if gpu { 2000 } else { 160 }).max(8),
+            batch: common::env_or("BENCH_BATCH", 8).max(1),
+            max_wait: Duration::from_millis(common::env_or("BENCH_MAX_WAIT_MS", 10) as u64),
+            latency_secs: common::env_or("BENCH_LATENCY_SECS", 20).max(1) as u64,
+            ceiling_events: common::env_or("BENCH_CEILING_EVENTS", 100_000).max(100),
+            ceiling_partitions: common::env_or("BENCH_CEILING_PARTITIONS", 8).max(1) as i32,
+            ceiling_batch: common::env_or("BENCH_CEILING_BATCH", 64).max(1),
+            ceiling_in_flight: common::env_or("BENCH_CEILING_IN_FLIGHT", 8192).max(1),
+            decode_threads: common::env_or("BENCH_DECODE_THREADS", 0),
+            phases,
+        }
+    }
+
+    /// True when `phase` is to run.
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.iter().any(|p| p == phase)
+    }
+
+    /// libtorch threads each CPU worker gets (what `serve::detector_inference` will use).
+    fn resolved_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cpu_workers = self.devices.iter().filter(|d| d.as_str() == "cpu").count().max(1);
+        (available_cores() / cpu_workers).max(1)
+    }
+
+    /// The `BENCH_*` variables that were set, as a command prefix.
+    fn command(&self) -> String {
+        let mut set: Vec<String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("BENCH_"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        set.sort();
+        set.push("scripts/bench-pipeline".into());
+        set.join(" ")
+    }
+}
+
+/// The service configuration every phase starts from: the in-process broker, fixed schema
+/// ids, the devices and batching of `settings`.
+fn base_config(brokers: &str, settings: &Settings) -> Result<Config> {
+    let mut c = Config::default();
+    c.kafka.bootstrap_servers = brokers.to_string();
+    c.kafka.group_id = "attrstream-bench".into();
+    c.kafka.input_topic = IN.into();
+    c.kafka.output_topic = OUT.into();
+    c.kafka.dead_letter_topic = DLQ.into();
+    c.kafka
+        .consumer_options
+        .insert("fetch.wait.max.ms".into(), FETCH_WAIT_MS.into());
+    c.schemas.input_schema_id = Some(INPUT_SCHEMA_ID);
+    c.schemas.output_schema_id = Some(OUTPUT_SCHEMA_ID);
+    c.schemas.dead_letter_schema_id = Some(DEAD_LETTER_SCHEMA_ID);
+    c.model.devices = settings.devices.clone();
+    c.model.threads_per_worker = settings.threads;
+    c.batch.max_batch_size = settings.batch;
+    c.batch.max_wait = settings.max_wait;
+    c.decode.threads = settings.decode_threads;
+    c.pipeline.shutdown_deadline = Duration::from_secs(15);
+    c.validate()?;
+    Ok(c)
+}
+
+/// A second handle on the same workers and factory.
+fn clone_inference(inference: &Inference) -> Inference {
+    Inference {
+        workers: inference.workers,
+        factory: inference.factory.clone(),
+    }
+}
+
+/// Microseconds since the Unix epoch (the clock both ends of the latency phase read).
+fn wall_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A framed ProductImageEvent with `image` inline; `sent_us` stamps event time and metadata.
+fn framed_event(id: &str, image: &[u8], sent_us: Option<i64>) -> Vec<u8> {
+    let mut metadata = BTreeMap::new();
+    if let Some(us) = sent_us {
+        metadata.insert(SENT_US.to_string(), us.to_string());
+    }
+    let event = ProductImageEvent {
+        event_id: id.to_string(),
+        product_id: id.to_string(),
+        image: ImageSource::Inline(image.to_vec()),
+        content_type: None,
+        metadata,
+        event_time_ms: Some(sent_us.map(|us| us / 1000).unwrap_or_else(|| wall_us() / 1000)),
+    };
+    frame(INPUT_SCHEMA_ID, &encode_event(&event))
+}
+
+/// A producer for the benchmark's own input (not the service's producer).
+fn bench_producer(brokers: &str, linger_ms: u32) -> Result<BaseProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", linger_ms.to_string())
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "2097151")
+        .set("batch.num.messages", "10000")
+        .create()
+        .context("cannot create the benchmark's producer")
+}
+
+/// Sends one record, waiting while librdkafka's queue is full.
+fn send(producer: &BaseProducer, topic: &str, partition: i32, key: &str, value: &[u8]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let record = BaseRecord::to(topic).partition(partition).key(key).payload(value);
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((e, _)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                if Instant::now() > deadline {
+                    bail!("publishing to {topic}: the producer queue stayed full for 60 s");
+                }
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => bail!("publishing to {topic}: {e}"),
+        }
+    }
+}
+
+/// Publishes `records` (key, framed value) round-robin over `partitions` and waits for the
+/// broker's acknowledgements.
+fn publish(brokers: &str, partitions: i32, records: impl Iterator<Item = (String, Vec<u8>)>) -> Result<usize> {
+    let producer = bench_producer(brokers, 20)?;
+    let mut n = 0;
+    for (i, (key, value)) in records.enumerate() {
+        send(&producer, IN, i as i32 % partitions, &key, &value)?;
+        n += 1;
+        if n % 1000 == 0 {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("publishing the input events: not acknowledged within 120 s")?;
+    Ok(n)
+}
+
+/// An output or dead-letter record as the reader saw it.
+struct Arrival {
+    /// When the reader got it.
+    at: Instant,
+    /// The same moment on the wall clock, µs since the epoch.
+    wall_us: i64,
+    /// From the dead-letter topic.
+    dead: bool,
+    /// The record key (the product id).
+    key: Vec<u8>,
+    /// The framed Avro value.
+    value: Vec<u8>,
+}
+
+impl Arrival {
+    /// The decoded output record.
+    fn attributes(&self) -> Result<ProductAttributes> {
+        let (id, body) = unframe(&self.value).context("output record without Confluent framing")?;
+        if id != OUTPUT_SCHEMA_ID {
+            bail!("output record framed with schema id {id}, not {OUTPUT_SCHEMA_ID}");
+        }
+        decode_attributes(body, product_attributes_schema()).context("output record does not decode")
+    }
+}
+
+/// A consumer thread reading the output and dead-letter topics from the beginning (assigned
+/// partitions, no group join) and timestamping every record as it arrives.
+struct Reader {
+    /// Stop now.
+    stop: Arc<AtomicBool>,
+    /// Stop by itself after this many records.
+    target: Arc<AtomicUsize>,
+    /// Records read so far.
+    seen: Arc<AtomicUsize>,
+    /// The thread, returning the arrivals.
+    thread: Option<JoinHandle<Result<Vec<Arrival>>>>,
+}
+
+impl Reader {
+    /// Starts reading `topics` (name, partitions) on `brokers`.
+    fn start(brokers: &str, topics: &[(&str, i32)]) -> Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("bench-reader-{}", wall_us()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
+            .create()
+            .context("cannot create the reader consumer")?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partitions) in topics {
+            for p in 0..*partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl).context("reader: cannot assign partitions")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(AtomicUsize::new(usize::MAX));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let (s, t, n) = (stop.clone(), target.clone(), seen.clone());
+        let thread = std::thread::Builder::new()
+            .name("bench-reader".into())
+            .spawn(move || {
+                let mut out = Vec::new();
+                while !s.load(Ordering::Relaxed) && out.len() < t.load(Ordering::Relaxed) {
+                    match consumer.poll(Duration::from_millis(50)) {
+                        Some(Ok(m)) => {
+                            out.push(Arrival {
+                                at: Instant::now(),
+                                wall_us: wall_us(),
+                                dead: m.topic() == DLQ,
+                                key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                                value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                            });
+                            n.store(out.len(), Ordering::Relaxed);
+                        }
+                        Some(Err(e)) => eprintln!("bench reader: Kafka error (librdkafka retries): {e}"),
+                        None => {}
+                    }
+                }
+                Ok(out)
+            })
+            .context("cannot start the reader thread")?;
+        Ok(Self {
+            stop,
+            target,
+            seen,
+            thread: Some(thread),
+        })
+    }
+
+    /// Records read so far.
+    fn seen(&self) -> usize {
+        self.seen.load(Ordering::Relaxed)
+    }
+
+    /// Lets the thread stop by itself once `n` records are in.
+    fn set_target(&self, n: usize) {
+        self.target.store(n, Ordering::Relaxed);
+    }
+
+    /// Stops the thread and returns what it read.
+    fn finish(mut self) -> Result<Vec<Arrival>> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))?,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for Reader {
+    /// A reader dropped on an error path stops instead of polling forever.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The service (`pipeline::run`) on its own thread and runtime, as `serve` runs it.
+struct Service {
+    /// Resolves the shutdown future.
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The run's result, once it returns.
+    done: mpsc::Receiver<Result<RunReport>>,
+}
+
+impl Service {
+    /// Starts `pipeline::run(config, inference, …)`.
+    fn start(config: Config, inference: Inference) -> Result<Self> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("bench-service".into())
+            .spawn(move || {
+                let result = attrstream::serve::runtime().and_then(|rt| {
+                    rt.block_on(attrstream::pipeline::run(config, inference, async {
+                        let _ = rx.await;
+                    }))
+                });
+                let _ = done_tx.send(result);
+            })
+            .context("cannot start the service thread")?;
+        Ok(Self {
+            shutdown: Some(tx),
+            done,
+        })
+    }
+
+    /// An error if the service has already stopped (it should run until told to stop).
+    fn check_running(&self) -> Result<()> {
+        match self.done.try_recv() {
+            Ok(Ok(report)) => bail!("the service stopped on its own: {report:?}"),
+            Ok(Err(e)) => Err(e.context("the service failed")),
+            Err(mpsc::TryRecvError::Empty) => Ok(()),
+            Err(mpsc::TryRecvError::Disconnected) => bail!("the service thread died"),
+        }
+    }
+
+    /// Asks for a graceful stop and waits up to `timeout` for the run's report.
+    fn stop(mut self, timeout: Duration) -> Result<RunReport> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.done.recv_timeout(timeout) {
+            Ok(result) => result.context("the service failed"),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the service did not stop within {timeout:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the service thread died"),
+        }
+    }
+}
+
+impl Drop for Service {
+    /// A service dropped on an error path is told to stop (it drains and exits by itself).
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Waits until the reader has `n` records; fails with a clear message on timeout or when the
+/// service stops early. `what` names the phase.
+fn wait_for(reader: &Reader, service: &Service, n: usize, timeout: Duration, what: &str) -> Result<()> {
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    while reader.seen() < n {
+        service.check_running()?;
+        if started.elapsed() > timeout {
+            bail!(
+                "{what}: timed out after {:.0} s with {} of {n} records read back",
+                timeout.as_secs_f64(),
+                reader.seen()
+            );
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!("  {what}: {} of {n} records after {:.0} s", reader.seen(), started.elapsed().as_secs_f64());
+            last_report = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Checks that every key in `expected` came back exactly once on the output topic and that
+/// nothing was dead-lettered.
+fn check_complete(arrivals: &[Arrival], expected: &HashSet<String>) -> Result<()> {
+    let dead: Vec<&Arrival> = arrivals.iter().filter(|a| a.dead).collect();
+    if !dead.is_empty() {
+        bail!(
+            "{} events were dead-lettered (first key {})",
+            dead.len(),
+            String::from_utf8_lossy(&dead[0].key)
+        );
+    }
+    let mut seen = HashSet::new();
+    for a in arrivals {
+        let key = String::from_utf8_lossy(&a.key).into_owned();
+        if expected.contains(&key) && !seen.insert(key.clone()) {
+            bail!("output for {key} arrived twice");
+        }
+    }
+    let missing = expected.len() - seen.len();
+    if missing > 0 {
+        bail!("{missing} of {} output records are missing", expected.len());
+    }
+    Ok(())
+}
+
+/// Steady-state throughput from output arrivals.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    /// Records per second.
+    per_s: f64,
+    /// Records counted.
+    records: usize,
+    /// Seconds of the window.
+    secs: f64,
+}
+
+/// Records per second from the end of the batch that holds the `skip`-th arrival to the last
+/// arrival. Records of one batch share `timings.inference_ms` to the nanosecond, which
+/// identifies the batch; starting at a batch boundary keeps a batch's records from being
+/// counted without its processing time.
+fn steady_throughput(arrivals: &[Arrival], skip: usize, lookahead: usize) -> Result<Throughput> {
+    let outputs: Vec<&Arrival> = arrivals.iter().filter(|a| !a.dead).collect();
+    if outputs.len() < 3 {
+        bail!("too few output records ({}) to measure throughput", outputs.len());
+    }
+    let k = skip.clamp(1, outputs.len() - 2);
+    let batch = outputs[k].attributes()?.timings.inference_ms.to_bits();
+    let mut start = k;
+    for (i, a) in outputs.iter().enumerate().skip(k + 1).take(lookahead) {
+        if a.attributes()?.timings.inference_ms.to_bits() == batch {
+            start = i;
+        }
+    }
+    let last = outputs.len() - 1;
+    if start >= last {
+        start = k;
+    }
+    let secs = outputs[last].at.duration_since(outputs[start].at).as_secs_f64();
+    let records = last - start;
+    Ok(Throughput {
+        per_s: records as f64 / secs.max(1e-9),
+        records,
+        secs,
+    })
+}
+
+/// The sample photos: encoded bytes (what events carry) and decoded images (what the bare
+/// detector gets).
+struct Photos {
+    /// File bytes, in the order of `common::sample_paths`.
+    encoded: Vec<Vec<u8>>,
+    /// Decoded (EXIF-oriented) RGB images.
+    decoded: Vec<RgbImage>,
+}
+
+impl Photos {
+    /// Reads and decodes assets/samples.
+    fn load() -> Result<Self> {
+        let mut encoded = Vec::new();
+        let mut decoded = Vec::new();
+        for path in common::sample_paths() {
+            let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            decoded.push(decode_image(&bytes, DEFAULT_MAX_PIXELS).with_context(|| format!("decoding {}", path.display()))?);
+            encoded.push(bytes);
+        }
+        Ok(Self { encoded, decoded })
+    }
+
+    /// Mean encoded size.
+    fn mean_bytes(&self) -> usize {
+        self.encoded.iter().map(Vec::len).sum::<usize>() / self.encoded.len().max(1)
+    }
+
+    /// Input partitions that keep `events` photo events well inside the mock broker's limit.
+    fn partitions_for(&self, events: usize) -> i32 {
+        (events * self.mean_bytes()).div_ceil(BYTES_PER_PARTITION).clamp(4, 512) as i32
+    }
+}
+
+/// The bare detector: each configured worker's backend on its own thread (as the service
+/// builds it), waiting for "run N batches" commands.
+struct BareDetector {
+    /// One command channel per worker: batches to run.
+    commands: Vec<mpsc::Sender<usize>>,
+    /// (images, start, end) per worker and command.
+    results: mpsc::Receiver<Result<(usize, Instant, Instant)>>,
+}
+
+impl BareDetector {
+    /// Builds every worker's backend with `inference.factory` on its own thread and warms it
+    /// up with two batches of `batch` photos.
+    fn start(inference: &Inference, photos: &Arc<Vec<RgbImage>>, batch: usize) -> Result<Self> {
+        let barrier = Arc::new(Barrier::new(inference.workers));
+        let (results_tx, results) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+        let mut commands = Vec::new();
+        for index in 0..inference.workers {
+            let (tx, rx) = mpsc::channel::<usize>();
+            commands.push(tx);
+            let factory: BackendFactory = inference.factory.clone();
+            let photos = photos.clone();
+            let barrier = barrier.clone();
+            let results_tx = results_tx.clone();
+            let ready_tx = ready_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("bench-bare-{index}"))
+                .spawn(move || {
+                    let batches: Vec<Vec<RgbImage>> = (0..photos.len())
+                        .map(|offset| (0..batch).map(|j| photos[(offset + j) % photos.len()].clone()).collect())
+                        .collect();
+                    let mut backend = match factory(index) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.context(format!("bare detector {index}: loading"))));
+                            return;
+                        }
+                    };
+                    for b in batches.iter().take(2) {
+                        if let Err(e) = backend.infer(b) {
+                            let _ = ready_tx.send(Err(e.context(format!("bare detector {index}: warm-up"))));
+                            return;
+                        }
+                    }
+                    let _ = ready_tx.send(Ok(()));
+                    while let Ok(rounds) = rx.recv() {
+                        barrier.wait();
+                        let start = Instant::now();
+                        let mut images = 0;
+                        let mut result = Ok(());
+                        for r in 0..rounds {
+                            let b = &batches[(index + r) % batches.len()];
+                            if let Err(e) = backend.infer(b) {
+                                result = Err(e);
+                                break;
+                            }
+                            images += b.len();
+                        }
+                        let _ = results_tx.send(result.map(|()| (images, start, Instant::now())));
+                    }
+                })
+                .context("cannot start a bare-detector thread")?;
+        }
+        drop(ready_tx);
+        for _ in 0..inference.workers {
+            ready_rx
+                .recv_timeout(Duration::from_secs(600))
+                .map_err(|_| anyhow::anyhow!("bare detector: not ready within 600 s"))??;
+        }
+        Ok(Self { commands, results })
+    }
+
+    /// Every worker runs `rounds` batches at the same time; returns images, seconds.
+    fn run(&self, rounds: usize) -> Result<(usize, f64)> {
+        for c in &self.commands {
+            c.send(rounds).context("bare detector thread gone")?;
+        }
+        let mut images = 0;
+        let mut first: Option<Instant> = None;
+        let mut last: Option<Instant> = None;
+        for _ in &self.commands {
+            let (n, start, end) = self
+                .results
+                .recv_timeout(Duration::from_secs(1800))
+                .map_err(|_| anyhow::anyhow!("bare detector: no result within 30 min"))??;
+            images += n;
+            first = Some(first.map_or(start, |f| f.min(start)));
+            last = Some(last.map_or(end, |l| l.max(end)));
+        }
+        let secs = match (first, last) {
+            (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+            _ => 0.0,
+        };
+        Ok((images, secs))
+    }
+}
+
+/// Figures of phase 1.
+struct ThroughputResult {
+    /// Bare detector imgs/s (both halves together).
+    bare: f64,
+    /// Images the bare detector ran (timed).
+    bare_images: usize,
+    /// Pipeline throughput.
+    pipeline: Throughput,
+    /// The run's batching.
+    report: RunReport,
+    /// Input partitions.
+    partitions: i32,
+}
+
+/// Phase 1: the bare detector, then the pipeline on M photo events, then the bare detector again.
+fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<ModelRef>) -> Result<ThroughputResult> {
+    let m = settings.events;
+    let partitions = photos.partitions_for(m);
+    let broker = EmbeddedBroker::start(1, &[(IN, partitions), (OUT, 4), (DLQ, 1)])?;
+    let config = base_config(broker.bootstrap_servers(), settings)?;
+    let (inference, model_ref) = detector_inference(&config)?;
+    *model = Some(model_ref);
+    let workers = inference.workers;
+
+    eprintln!("phase 1: loading the bare detector ({workers} worker(s), batch {})", settings.batch);
+    let decoded = Arc::new(photos.decoded.clone());
+    let bare = BareDetector::start(&inference, &decoded, settings.batch)?;
+    let rounds = m.div_ceil(2 * settings.batch * workers).max(2);
+    let (n1, s1) = bare.run(rounds)?;
+    eprintln!("  bare detector, first half: {n1} images in {s1:.2} s ({:.2} imgs/s)", n1 as f64 / s1);
+
+    eprintln!("phase 1: publishing {m} photo events over {partitions} partitions");
+    let expected: HashSet<String> = (0..m).map(|i| format!("photo-{i}")).collect();
+    publish(
+        broker.bootstrap_servers(),
+        partitions,
+        (0..m).map(|i| {
+            let key = format!("photo-{i}");
+            let value = framed_event(&key, &photos.encoded[i % photos.encoded.len()], None);
+            (key, value)
+        }),
+    )?;
+    let reader = Reader::start(broker.bootstrap_servers(), &[(OUT, 4), (DLQ, 1)])?;
+    reader.set_target(m);
+    eprintln!("phase 1: running the pipeline");
+    let service = Service::start(config.clone(), clone_inference(&inference))?;
+    let expected_secs = m as f64 / (n1 as f64 / s1).max(0.01);
+    let waited = wait_for(
+        &reader,
+        &service,
+        m,
+        Duration::from_secs_f64(120.0 + 5.0 * expected_secs),
+        "phase 1 (pipeline throughput)",
+    );
+    let report = service.stop(Duration::from_secs(60));
+    let arrivals = reader.finish()?;
+    waited?;
+    let report = report?;
+    check_complete(&arrivals, &expected)?;
+    let skip = (m / 10).max(2 * settings.batch * workers);
+    let pipeline = steady_throughput(&arrivals, skip, 4 * settings.batch * workers)?;
+
+    let (n2, s2) = bare.run(rounds)?;
+    eprintln!("  bare detector, second half: {n2} images in {s2:.2} s ({:.2} imgs/s)", n2 as f64 / s2);
+    drop(bare);
+    Ok(ThroughputResult {
+        bare: (n1 + n2) as f64 / (s1 + s2),
+        bare_images: n1 + n2,
+        pipeline,
+        report,
+        partitions,
+    })
+}
+
+/// Figures of phase 3.
+struct LatencyResult {
+    /// Target rate, events/s.
+    rate: f64,
+    /// Rate actually sent.
+    sent_rate: f64,
+    /// Latencies in ms, sorted.
+    latencies_ms: Vec<f64>,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// Phase 3: paced photo events at `rate` for `settings.latency_secs`, latency per record.
+fn phase_latency(settings: &Settings, photos: &Photos, rate: f64) -> Result<LatencyResult> {
+    let partitions = photos.partitions_for((rate * 10.0).ceil() as usize).max(8);
+    let broker = EmbeddedBroker::start(1, &[(IN, partitions), (OUT, 4), (DLQ, 1)])?;
+    let brokers = broker.bootstrap_servers().to_string();
+    let config = base_config(&brokers, settings)?;
+    let (inference, _) = detector_inference(&config)?;
+    let reader = Reader::start(&brokers, &[(OUT, 4), (DLQ, 1)])?;
+    eprintln!("phase 3: starting the service");
+    let service = Service::start(config, inference)?;
+
+    // Warm-up: the model loaded, the group joined, each photo once through.
+    let warm = photos.encoded.len();
+    publish(
+        &brokers,
+        partitions,
+        (0..warm).map(|i| {
+            let key = format!("warm-{i}");
+            let value = framed_event(&key, &photos.encoded[i], None);
+            (key, value)
+        }),
+    )?;
+    let outcome = (|| {
+        wait_for(&reader, &service, warm, Duration::from_secs(300), "phase 3 warm-up")?;
+        let count = ((rate * settings.latency_secs as f64).round() as usize).max(1);
+        eprintln!(
+            "phase 3: publishing {count} events at {rate:.2}/s for {} s",
+            settings.latency_secs
+        );
+        let producer = bench_producer(&brokers, 0)?;
+        let started = Instant::now();
+        let mut last_send = started;
+        for i in 0..count {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let key = format!("lat-{i}");
+            let value = framed_event(&key, &photos.encoded[i % photos.encoded.len()], Some(wall_us()));
+            send(&producer, IN, i as i32 % partitions, &key, &value)?;
+            last_send = Instant::now();
+            producer.poll(Duration::ZERO);
+            service.check_running()?;
+        }
+        let span = last_send.duration_since(started).as_secs_f64();
+        let sent_rate = if count > 1 { (count - 1) as f64 / span.max(1e-9) } else { rate };
+        producer
+            .flush(Duration::from_secs(60))
+            .context("phase 3: events not acknowledged within 60 s")?;
+        reader.set_target(warm + count);
+        wait_for(&reader, &service, warm + count, Duration::from_secs(120), "phase 3 (latency)")?;
+        Ok::<_, anyhow::Error>((count, sent_rate))
+    })();
+    let report = service.stop(Duration::from_secs(60));
+    let arrivals = reader.finish()?;
+    let (count, sent_rate) = outcome?;
+    report?;
+    let expected: HashSet<String> = (0..count).map(|i| format!("lat-{i}")).collect();
+    check_complete(&arrivals, &expected)?;
+    let mut latencies_ms = Vec::with_capacity(count);
+    for a in arrivals.iter().filter(|a| a.key.starts_with(b"lat-")) {
+        let record = a.attributes()?;
+        let sent: i64 = record
+            .metadata
+            .get(SENT_US)
+            .and_then(|v| v.parse().ok())
+            .context("latency record without its send time")?;
+        latencies_ms.push((a.wall_us - sent) as f64 / 1000.0);
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+    Ok(LatencyResult {
+        rate,
+        sent_rate,
+        latencies_ms,
+    })
+}
+
+/// The ceiling phase's inference step: no model, just the image size back.
+struct Identity;
+
+impl InferenceBackend for Identity {
+    fn model(&self) -> ModelRef {
+        ModelRef {
+            name: "identity".into(),
+            version: "0".into(),
+        }
+    }
+
+    fn infer(&mut self, images: &[RgbImage]) -> Result<Vec<ImageDetections>> {
+        Ok(images
+            .iter()
+            .map(|im| ImageDetections {
+                width: im.width(),
+                height: im.height(),
+                detections: Vec::new(),
+            })
+            .collect())
+    }
+}
+
+/// An 8×8 PNG.
+fn tiny_png() -> Result<Vec<u8>> {
+    let img = RgbImage::from_pixel(8, 8, image::Rgb([200, 120, 40]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+/// Figures of phase 2.
+struct CeilingResult {
+    /// Steady-state msgs/s.
+    throughput: Throughput,
+    /// Seconds from service start to the last record.
+    total_secs: f64,
+    /// The run's batching and pauses.
+    report: RunReport,
+    /// The configuration used.
+    config: Config,
+}
+
+/// Phase 2: tiny images, identity inference, `ceiling_events` events.
+fn phase_ceiling(settings: &Settings) -> Result<CeilingResult> {
+    let n = settings.ceiling_events;
+    let partitions = settings.ceiling_partitions;
+    let broker = EmbeddedBroker::start(1, &[(IN, partitions), (OUT, partitions), (DLQ, 1)])?;
+    let brokers = broker.bootstrap_servers().to_string();
+    let mut config = base_config(&brokers, settings)?;
+    config.model.devices = Vec::new();
+    config.batch.max_batch_size = settings.ceiling_batch;
+    config.pipeline.max_in_flight = settings.ceiling_in_flight;
+    config.validate()?;
+    let png = tiny_png()?;
+    eprintln!("phase 2: publishing {n} events ({} B PNG) over {partitions} partitions", png.len());
+    let published = Instant::now();
+    publish(
+        &brokers,
+        partitions,
+        (0..n).map(|i| {
+            let key = format!("tiny-{i}");
+            let value = framed_event(&key, &png, None);
+            (key, value)
+        }),
+    )?;
+    eprintln!("  published in {:.1} s", published.elapsed().as_secs_f64());
+    let reader = Reader::start(&brokers, &[(OUT, partitions), (DLQ, 1)])?;
+    reader.set_target(n);
+    let factory: BackendFactory = Arc::new(|_| Ok(Box::new(Identity) as Box<dyn InferenceBackend>));
+    eprintln!("phase 2: running the pipeline with the identity step");
+    let started = Instant::now();
+    let service = Service::start(config.clone(), Inference { workers: 1, factory })?;
+    let waited = wait_for(&reader, &service, n, Duration::from_secs(300), "phase 2 (ceiling)");
+    let total_secs = started.elapsed().as_secs_f64();
+    let report = service.stop(Duration::from_secs(60));
+    let arrivals = reader.finish()?;
+    waited?;
+    let report = report?;
+    let expected: HashSet<String> = (0..n).map(|i| format!("tiny-{i}")).collect();
+    check_complete(&arrivals, &expected)?;
+    let throughput = steady_throughput(&arrivals, n / 10, 4 * settings.ceiling_batch)?;
+    Ok(CeilingResult {
+        throughput,
+        total_secs,
+        report,
+        config,
+    })
+}
+
+/// The first line of `date -u`, or the Unix time.
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| format!("unix time {}", wall_us() / 1_000_000))
+}
+
+/// CPU model and core count.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    format!("{} cores ({cpu}), load average {load} at start", available_cores())
+}
+
+/// `goal met` / `goal missed` for a figure.
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    if let Err(e) = std::env::set_current_dir(common::root()) {
+        eprintln!("cannot enter the project folder: {e}");
+        return ExitCode::from(2);
+    }
+    let settings = Settings::from_env();
+    let started = Instant::now();
+    let date = today();
+    let host = machine();
+    let photos = match Photos::load() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("bench-pipeline: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut failures: Vec<String> = Vec::new();
+    let mut model: Option<ModelRef> = None;
+
+    let throughput = if settings.runs("throughput") || settings.runs("latency") {
+        match phase_throughput(&settings, &photos, &mut model) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                failures.push(format!("phase 1 (throughput): {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let latency = if settings.runs("latency") {
+        match &throughput {
+            Some(t) => match phase_latency(&settings, &photos, 0.5 * t.pipeline.per_s) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    failures.push(format!("phase 3 (latency): {e:#}"));
+                    None
+                }
+            },
+            None => {
+                failures.push("phase 3 (latency): skipped, it needs the capacity from phase 1".into());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let ceiling = if settings.runs("ceiling") {
+        match phase_ceiling(&settings) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                failures.push(format!("phase 2 (ceiling): {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let threads = settings.resolved_threads();
+    println!();
+    println!("attrstream pipeline benchmark, {date}");
+    println!("machine: {host}");
+    println!("command: {}", settings.command());
+    if let Some(m) = &model {
+        println!("model: {} ({})", m.name, m.version);
+    }
+    println!(
+        "config: devices [{}], {threads} libtorch thread(s) per CPU worker, decode threads {}, \
+         in-process Kafka broker (fetch.wait.max.ms {FETCH_WAIT_MS})",
+        settings.devices.join(", "),
+        if settings.decode_threads > 0 {
+            settings.decode_threads
+        } else {
+            available_cores()
+        },
+    );
+    println!();
+    println!("| figure | result | goal | detail |");
+    println!("|---|---:|---|---|");
+    if let Some(t) = &throughput {
+        let ratio = t.pipeline.per_s / t.bare;
+        println!(
+            "| 1. bare detector | {:.2} imgs/s | | batch {}, {} images over {} worker(s), half before, half after the pipeline |",
+            t.bare, settings.batch, t.bare_images, settings.devices.len()
+        );
+        println!(
+            "| 1. pipeline through Kafka | {:.2} imgs/s | | {} events over {} partitions; {} records in {:.2} s after warm-up; \
+             batch max {} wait {} ms, mean batch {:.2} ({} full, {} timed out, {} eager) |",
+            t.pipeline.per_s,
+            settings.events,
+            t.partitions,
+            t.pipeline.records,
+            t.pipeline.secs,
+            settings.batch,
+            settings.max_wait.as_millis(),
+            t.report.batches.mean_batch_size(),
+            t.report.batches.full,
+            t.report.batches.timed_out,
+            t.report.batches.eager,
+        );
+        println!(
+            "| 1. pipeline ÷ bare | {ratio:.3} | ≥ 0.95 {} | |",
+            verdict(ratio >= 0.95)
+        );
+    }
+    if let Some(c) = &ceiling {
+        println!(
+            "| 2. ceiling (identity step, 8×8 PNG) | {:.0} msgs/s | ≥ 20,000 {} | {} events over {} partitions, {} records in {:.2} s \
+             after warm-up ({:.1} s from start); batch max {} (mean {:.2}), max_in_flight {}, decode threads {}, {} pauses |",
+            c.throughput.per_s,
+            verdict(c.throughput.per_s >= 20_000.0),
+            settings.ceiling_events,
+            settings.ceiling_partitions,
+            c.throughput.records,
+            c.throughput.secs,
+            c.total_secs,
+            c.config.batch.max_batch_size,
+            c.report.batches.mean_batch_size(),
+            c.config.pipeline.max_in_flight,
+            c.config.decode_threads(),
+            c.report.pauses,
+        );
+    }
+    if let Some(l) = &latency {
+        let v = &l.latencies_ms;
+        println!(
+            "| 3. latency at half capacity | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | | {} events at {:.2}/s \
+             (target {:.2}/s = 0.5 × phase 1) for {} s; send → output read back |",
+            percentile(v, 50.0),
+            percentile(v, 99.0),
+            v.last().copied().unwrap_or(f64::NAN),
+            v.len(),
+            l.sent_rate,
+            l.rate,
+            settings.latency_secs,
+        );
+    }
+    println!();
+    println!("total time {:.0} s", started.elapsed().as_secs_f64());
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for f in &failures {
+            eprintln!("bench-pipeline FAILED: {f}");
+            println!("FAILED: {f}");
+        }
+        ExitCode::from(1)
+    }
+}
