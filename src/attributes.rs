@@ -1126,7 +1126,7 @@ mod tests {
         for (x, y, p) in img.enumerate_pixels_mut() {
             state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             let noise = (state >> 24) as u8 / 4;
-            *p = Rgb([(x % 256) as u8 / 2 + noise, (y % 256) as u8 + noise / 2, 200 - noise]);
+            *p = Rgb([(x % 256) as u8 / 2 + noise, (y % 200) as u8 + noise / 2, 200 - noise]);
         }
         let boxes: Vec<(&str, f32, [f32; 4])> = (0..12)
             .map(|i| {
