@@ -251,7 +251,7 @@ pub fn dominant_colours(image: &RgbImage, box_px: [f32; 4], cfg: &ColourConfig) 
     let mut clusters = kmeans(&samples, cfg.k.clamp(1, MAX_K));
     clusters.retain(|c| c.count > 0 && c.count as f32 / n >= cfg.min_fraction);
     // Stable: equal counts keep the deterministic centre order.
-    clusters.sort_by(|a, b| b.count.cmp(&a.count));
+    clusters.sort_by_key(|c| std::cmp::Reverse(c.count));
     clusters
         .iter()
         .map(|c| {
@@ -294,8 +294,11 @@ fn sample_box(image: &RgbImage, box_px: [f32; 4], cfg: &ColourConfig) -> Option<
     if x2 <= x1 || y2 <= y1 {
         return None;
     }
-    // `clamp` would panic on NaN; `max`/`min` map it to 0.
-    let margin = cfg.box_margin.max(0.0).min(0.49);
+    let margin = if cfg.box_margin.is_nan() {
+        0.0
+    } else {
+        cfg.box_margin.clamp(0.0, 0.49)
+    };
     let (mx, my) = ((x2 - x1) * margin, (y2 - y1) * margin);
     let (px0, px1) = pixel_span(x1 + mx, x2 - mx, w);
     let (py0, py1) = pixel_span(y1 + my, y2 - my, h);
@@ -529,12 +532,20 @@ fn lloyd(points: &Points, centres: &mut [[f32; 3]], max_iterations: usize) -> (u
 
 /// Linear RGB → XYZ for sRGB primaries and D65 (IEC 61966-2-1 as given by Lindbloom),
 /// rows divided by the D65 white point so that white maps to `X/Xn = Y/Yn = Z/Zn = 1`.
-const XN: f32 = 0.95047;
-const ZN: f32 = 1.08883;
+const XN: f64 = 0.95047;
+const ZN: f64 = 1.08883;
 const RGB_TO_XYZ_N: [[f32; 3]; 3] = [
-    [0.4124564 / XN, 0.3575761 / XN, 0.1804375 / XN],
-    [0.2126729, 0.7151522, 0.0721750],
-    [0.0193339 / ZN, 0.1191920 / ZN, 0.9503041 / ZN],
+    [
+        (0.4124564 / XN) as f32,
+        (0.3575761 / XN) as f32,
+        (0.1804375 / XN) as f32,
+    ],
+    [0.2126729f64 as f32, 0.7151522f64 as f32, 0.0721750f64 as f32],
+    [
+        (0.0193339 / ZN) as f32,
+        (0.1191920 / ZN) as f32,
+        (0.9503041 / ZN) as f32,
+    ],
 ];
 
 /// XYZ → linear RGB (the inverse of the matrix above, before normalisation).
@@ -629,11 +640,7 @@ pub fn lab_to_srgb(lab: [f32; 3]) -> [u8; 3] {
     let fy = (f64::from(lab[0]) + 16.0) / 116.0;
     let fx = fy + f64::from(lab[1]) / 500.0;
     let fz = fy - f64::from(lab[2]) / 200.0;
-    let xyz = [
-        lab_f_inverse(fx) * f64::from(XN),
-        lab_f_inverse(fy),
-        lab_f_inverse(fz) * f64::from(ZN),
-    ];
+    let xyz = [lab_f_inverse(fx) * XN, lab_f_inverse(fy), lab_f_inverse(fz) * ZN];
     XYZ_TO_RGB.map(|row| {
         let linear = row[0] * xyz[0] + row[1] * xyz[1] + row[2] * xyz[2];
         (linear_to_srgb(linear.clamp(0.0, 1.0)) * 255.0).round() as u8
