@@ -55,7 +55,7 @@ enum Closed {
     Full,
     TimedOut,
     Eager,
-    InputClosed,
+    EndOfInput,
 }
 
 /// Runs until `input` closes and every batch is dispatched.
@@ -84,14 +84,14 @@ pub async fn run_batcher<T: Send + 'static>(
             }
             let next = match input.try_recv() {
                 Ok(p) => Some(p),
-                Err(mpsc::error::TryRecvError::Disconnected) => break Closed::InputClosed,
+                Err(mpsc::error::TryRecvError::Disconnected) => break Closed::EndOfInput,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if pool.loads().contains(&0) {
                         break Closed::Eager;
                     }
                     match timeout_at(deadline, input.recv()).await {
                         Ok(Some(p)) => Some(p),
-                        Ok(None) => break Closed::InputClosed,
+                        Ok(None) => break Closed::EndOfInput,
                         Err(_) => break Closed::TimedOut,
                     }
                 }
@@ -111,7 +111,7 @@ pub async fn run_batcher<T: Send + 'static>(
             Closed::Full => stats.full += 1,
             Closed::TimedOut => stats.timed_out += 1,
             Closed::Eager => stats.eager += 1,
-            Closed::InputClosed => {}
+            Closed::EndOfInput => {}
         }
         stats.batches += 1;
         stats.images += images.len() as u64;
@@ -164,15 +164,14 @@ mod tests {
         }
     }
 
-    fn setup(
-        per_batch: Duration,
-        cfg: BatchConfig,
-    ) -> (
+    type Harness = (
         mpsc::Sender<Pending<usize>>,
         tokio::task::JoinHandle<Result<BatchStats>>,
         mpsc::UnboundedReceiver<WorkResult<usize>>,
         Arc<AtomicUsize>,
-    ) {
+    );
+
+    fn setup(per_batch: Duration, cfg: BatchConfig) -> Harness {
         let largest = Arc::new(AtomicUsize::new(0));
         let l = largest.clone();
         let factory: BackendFactory =

@@ -456,6 +456,7 @@ pub fn parse_set_arg(arg: &str) -> Result<(String, String), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 

@@ -389,8 +389,9 @@ async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, mo
         processed_time_ms: now_ms(),
         metadata: event.metadata,
     };
-    ctx.sink.deliver_attributes(msg.position, &record, &msg.headers).await;
-    ctx.produced.fetch_add(1, Ordering::Relaxed);
+    if ctx.sink.deliver_attributes(msg.position, &record, &msg.headers).await {
+        ctx.produced.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImageEvent>, kind: &str, message: &str) {
@@ -406,7 +407,9 @@ async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImag
         error_message: message.to_string(),
         failed_time_ms: now_ms(),
     };
-    ctx.sink.deliver_dead_letter(msg.position, &letter).await;
+    if !ctx.sink.deliver_dead_letter(msg.position, &letter).await {
+        return;
+    }
     *ctx
         .dead_lettered
         .lock()

@@ -83,21 +83,23 @@ impl OutputSink {
         }
     }
 
-    /// Produces an attribute record (key = product id) and completes `position` once acknowledged.
+    /// Produces an attribute record (key = product id) and completes `position` once
+    /// acknowledged; false if it could not be delivered (the service is then stopping).
     pub async fn deliver_attributes(
         &self,
         position: MessagePosition,
         record: &ProductAttributes,
         headers: &[(String, Vec<u8>)],
-    ) {
+    ) -> bool {
         let payload = frame(self.settings.output_schema_id, &encode_attributes(record));
         let topic = self.settings.output_topic.clone();
         self.deliver(position, &topic, Some(record.product_id.as_bytes()), &payload, headers)
-            .await;
+            .await
     }
 
-    /// Produces a dead letter (original key kept) and completes `position` once acknowledged.
-    pub async fn deliver_dead_letter(&self, position: MessagePosition, letter: &DeadLetter) {
+    /// Produces a dead letter (original key kept) and completes `position` once acknowledged;
+    /// false if it could not be delivered.
+    pub async fn deliver_dead_letter(&self, position: MessagePosition, letter: &DeadLetter) -> bool {
         tracing::info!(
             partition = letter.source_partition,
             offset = letter.source_offset,
@@ -108,7 +110,7 @@ impl OutputSink {
         let payload = frame(self.settings.dead_letter_schema_id, &encode_dead_letter(letter));
         let topic = self.settings.dead_letter_topic.clone();
         let key = letter.original_key.clone();
-        self.deliver(position, &topic, key.as_deref(), &payload, &[]).await;
+        self.deliver(position, &topic, key.as_deref(), &payload, &[]).await
     }
 
     async fn deliver(
@@ -118,7 +120,7 @@ impl OutputSink {
         key: Option<&[u8]>,
         payload: &[u8],
         headers: &[(String, Vec<u8>)],
-    ) {
+    ) -> bool {
         let mut attempt = 0;
         loop {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
@@ -139,7 +141,7 @@ impl OutputSink {
                 Ok(_) => {
                     // The consumer thread may be gone after a shutdown deadline: nothing to do then.
                     let _ = self.completions.send(position);
-                    return;
+                    return true;
                 }
                 Err((e, _)) if attempt < self.settings.retries => {
                     attempt += 1;
@@ -157,7 +159,7 @@ impl OutputSink {
                     );
                     tracing::error!("{message}");
                     let _ = self.fatal.send(Some(message));
-                    return;
+                    return false;
                 }
             }
         }

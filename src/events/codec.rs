@@ -25,16 +25,26 @@ struct Embedded {
 
 impl Embedded {
     fn parse(file: &str, text: &str) -> Embedded {
-        let schema = Schema::parse_str(text).unwrap_or_else(|e| panic!("schemas/{file} is not a valid Avro schema: {e}"));
-        Embedded { json: compact_json(text), schema }
+        let schema =
+            Schema::parse_str(text).unwrap_or_else(|e| panic!("schemas/{file} is not a valid Avro schema: {e}"));
+        Embedded {
+            json: compact_json(text),
+            schema,
+        }
     }
 }
 
 static PRODUCT_IMAGE_EVENT: LazyLock<Embedded> = LazyLock::new(|| {
-    Embedded::parse("product_image_event.avsc", include_str!("../../schemas/product_image_event.avsc"))
+    Embedded::parse(
+        "product_image_event.avsc",
+        include_str!("../../schemas/product_image_event.avsc"),
+    )
 });
 static PRODUCT_ATTRIBUTES: LazyLock<Embedded> = LazyLock::new(|| {
-    Embedded::parse("product_attributes.avsc", include_str!("../../schemas/product_attributes.avsc"))
+    Embedded::parse(
+        "product_attributes.avsc",
+        include_str!("../../schemas/product_attributes.avsc"),
+    )
 });
 static DEAD_LETTER: LazyLock<Embedded> =
     LazyLock::new(|| Embedded::parse("dead_letter.avsc", include_str!("../../schemas/dead_letter.avsc")));
@@ -166,7 +176,9 @@ impl DecodeError {
     /// `event_id` / `product_id` of the dead-letter record.
     pub fn ids(&self) -> (Option<&str>, Option<&str>) {
         match self {
-            DecodeError::InvalidEvent { event_id, product_id, .. } => {
+            DecodeError::InvalidEvent {
+                event_id, product_id, ..
+            } => {
                 fn non_empty(s: &str) -> Option<&str> {
                     (!s.is_empty()).then_some(s)
                 }
@@ -181,9 +193,10 @@ impl DecodeError {
     pub(crate) fn with_schema_id(self, id: u32) -> DecodeError {
         match self {
             DecodeError::BadAvro(m) => DecodeError::BadAvro(format!("{m} (writer schema id {id})")),
-            DecodeError::SchemaMismatch { record, reason } => {
-                DecodeError::SchemaMismatch { record, reason: format!("writer schema id {id}: {reason}") }
-            }
+            DecodeError::SchemaMismatch { record, reason } => DecodeError::SchemaMismatch {
+                record,
+                reason: format!("writer schema id {id}: {reason}"),
+            },
             other => other,
         }
     }
@@ -404,11 +417,7 @@ pub fn decode_event(body: &[u8], writer: &Schema) -> Result<ProductImageEvent, D
 
 /// [`decode_event`] with the writer-equals-reader test done by the caller (once per cached
 /// writer schema instead of once per message).
-pub(crate) fn decode_event_with(
-    body: &[u8],
-    writer: &Schema,
-    resolve: bool,
-) -> Result<ProductImageEvent, DecodeError> {
+pub(crate) fn decode_event_with(body: &[u8], writer: &Schema, resolve: bool) -> Result<ProductImageEvent, DecodeError> {
     let value = read_datum(body, writer, product_image_event_schema(), resolve, "ProductImageEvent")?;
     let event = event_from_value(value).map_err(|e| e.into_error("ProductImageEvent"))?;
     validate_event(event)
@@ -418,7 +427,13 @@ pub(crate) fn decode_event_with(
 /// for `tail`, tests and downstream tooling.
 pub fn decode_attributes(body: &[u8], writer: &Schema) -> Result<ProductAttributes, DecodeError> {
     let reader = product_attributes_schema();
-    let value = read_datum(body, writer, reader, needs_resolution(writer, reader), "ProductAttributes")?;
+    let value = read_datum(
+        body,
+        writer,
+        reader,
+        needs_resolution(writer, reader),
+        "ProductAttributes",
+    )?;
     attributes_from_value(value).map_err(|e| e.into_error("ProductAttributes"))
 }
 
@@ -457,7 +472,10 @@ fn read_datum(
     if !resolve {
         return Ok(value);
     }
-    value.resolve(reader).map_err(|e| DecodeError::SchemaMismatch { record, reason: e.to_string() })
+    value.resolve(reader).map_err(|e| DecodeError::SchemaMismatch {
+        record,
+        reason: e.to_string(),
+    })
 }
 
 fn validate_event(event: ProductImageEvent) -> Result<ProductImageEvent, DecodeError> {
@@ -664,7 +682,10 @@ fn attributes_from_value(value: Value) -> Shaped<ProductAttributes> {
     let event_id = f.string("event_id")?;
     let product_id = f.string("product_id")?;
     let mut m = Fields::of(f.next("model")?, "ModelRef")?;
-    let model = ModelRef { name: m.string("name")?, version: m.string("version")? };
+    let model = ModelRef {
+        name: m.string("name")?,
+        version: m.string("version")?,
+    };
     let image_width = f.non_negative("image_width")?;
     let image_height = f.non_negative("image_height")?;
     let detections = f.array("detections", |v| {
@@ -680,7 +701,11 @@ fn attributes_from_value(value: Value) -> Shaped<ProductAttributes> {
     let mut a = Fields::of(f.next("attributes")?, "AggregatedAttributes")?;
     let labels = a.array("labels", |v| {
         let mut l = Fields::of(v, "LabelSummary")?;
-        Ok(LabelSummary { label: l.string("label")?, max_score: l.float("max_score")?, count: l.int("count")? })
+        Ok(LabelSummary {
+            label: l.string("label")?,
+            max_score: l.float("max_score")?,
+            count: l.int("count")?,
+        })
     })?;
     let main_object = a.optional("main_object", |v| {
         let mut o = Fields::of(v, "MainObject")?;
@@ -723,7 +748,11 @@ fn attributes_from_value(value: Value) -> Shaped<ProductAttributes> {
         image_width,
         image_height,
         detections,
-        attributes: AggregatedAttributes { labels, main_object, object_colours },
+        attributes: AggregatedAttributes {
+            labels,
+            main_object,
+            object_colours,
+        },
         timings,
         event_time_ms: f.optional("event_time", |v| long_value("event_time", v))?,
         processed_time_ms: f.long("processed_time")?,
@@ -757,26 +786,59 @@ mod tests {
             product_id: "p-1".into(),
             image,
             content_type: Some("image/png".into()),
-            metadata: [("shop".to_owned(), "eu".to_owned()), ("lang".to_owned(), "de".to_owned())].into(),
+            metadata: [
+                ("shop".to_owned(), "eu".to_owned()),
+                ("lang".to_owned(), "de".to_owned()),
+            ]
+            .into(),
             event_time_ms: Some(1_700_000_000_123),
         }
     }
 
     fn attributes() -> ProductAttributes {
-        let b = BoxRecord { x_min: 1.5, y_min: 2.25, x_max: 100.0, y_max: 80.125 };
-        let n = BoxRecord { x_min: 0.01, y_min: 0.02, x_max: 0.9, y_max: 0.8 };
+        let b = BoxRecord {
+            x_min: 1.5,
+            y_min: 2.25,
+            x_max: 100.0,
+            y_max: 80.125,
+        };
+        let n = BoxRecord {
+            x_min: 0.01,
+            y_min: 0.02,
+            x_max: 0.9,
+            y_max: 0.8,
+        };
         ProductAttributes {
             event_id: "e-1".into(),
             product_id: "p-1".into(),
-            model: ModelRef { name: "ssd_mobilenet_v2_coco".into(), version: "abc123".into() },
+            model: ModelRef {
+                name: "ssd_mobilenet_v2_coco".into(),
+                version: "abc123".into(),
+            },
             image_width: 640,
             image_height: 480,
             detections: vec![
-                DetectionRecord { label: "cup".into(), label_id: 47, score: 0.95, box_px: b, box_norm: n },
-                DetectionRecord { label: "bowl".into(), label_id: 51, score: 0.5, box_px: n, box_norm: b },
+                DetectionRecord {
+                    label: "cup".into(),
+                    label_id: 47,
+                    score: 0.95,
+                    box_px: b,
+                    box_norm: n,
+                },
+                DetectionRecord {
+                    label: "bowl".into(),
+                    label_id: 51,
+                    score: 0.5,
+                    box_px: n,
+                    box_norm: b,
+                },
             ],
             attributes: AggregatedAttributes {
-                labels: vec![LabelSummary { label: "cup".into(), max_score: 0.95, count: 1 }],
+                labels: vec![LabelSummary {
+                    label: "cup".into(),
+                    max_score: 0.95,
+                    count: 1,
+                }],
                 main_object: Some(MainObject {
                     label: "cup".into(),
                     score: 0.95,
@@ -786,10 +848,22 @@ mod tests {
                 object_colours: vec![ObjectColours {
                     detection_index: 0,
                     label: "cup".into(),
-                    colours: vec![DominantColour { name: "white".into(), r: 250, g: 251, b: 0, fraction: 0.75 }],
+                    colours: vec![DominantColour {
+                        name: "white".into(),
+                        r: 250,
+                        g: 251,
+                        b: 0,
+                        fraction: 0.75,
+                    }],
                 }],
             },
-            timings: StageTimings { fetch_ms: 0.0, decode_ms: 1.5, batch_wait_ms: 2.0, inference_ms: 50.25, total_ms: 60.0 },
+            timings: StageTimings {
+                fetch_ms: 0.0,
+                decode_ms: 1.5,
+                batch_wait_ms: 2.0,
+                inference_ms: 50.25,
+                total_ms: 60.0,
+            },
             event_time_ms: Some(1_700_000_000_000),
             processed_time_ms: 1_700_000_000_500,
             metadata: [("k".to_owned(), "v".to_owned())].into(),
@@ -814,9 +888,21 @@ mod tests {
     #[test]
     fn embedded_schemas_parse_and_keep_defaults() {
         for (schema, json, name) in [
-            (product_image_event_schema(), product_image_event_schema_json(), "io.attrstream.ProductImageEvent"),
-            (product_attributes_schema(), product_attributes_schema_json(), "io.attrstream.ProductAttributes"),
-            (dead_letter_schema(), dead_letter_schema_json(), "io.attrstream.DeadLetter"),
+            (
+                product_image_event_schema(),
+                product_image_event_schema_json(),
+                "io.attrstream.ProductImageEvent",
+            ),
+            (
+                product_attributes_schema(),
+                product_attributes_schema_json(),
+                "io.attrstream.ProductAttributes",
+            ),
+            (
+                dead_letter_schema(),
+                dead_letter_schema_json(),
+                "io.attrstream.DeadLetter",
+            ),
         ] {
             assert_eq!(schema.name().map(|n| n.fullname(None)), Some(name.to_owned()));
             assert!(!json.contains('\n'), "compact JSON");
@@ -833,7 +919,10 @@ mod tests {
 
     #[test]
     fn compact_json_keeps_whitespace_inside_strings() {
-        assert_eq!(compact_json("{ \"a b\" : [ 1, \"x \\\" y\" ] }\n"), r#"{"a b":[1,"x \" y"]}"#);
+        assert_eq!(
+            compact_json("{ \"a b\" : [ 1, \"x \\\" y\" ] }\n"),
+            r#"{"a b":[1,"x \" y"]}"#
+        );
     }
 
     #[test]
@@ -842,7 +931,11 @@ mod tests {
         bare.content_type = None;
         bare.metadata.clear();
         bare.event_time_ms = None;
-        for e in [event(ImageSource::Inline(vec![0xff, 0xd8, 0xff, 0])), event(ImageSource::Inline(vec![])), bare] {
+        for e in [
+            event(ImageSource::Inline(vec![0xff, 0xd8, 0xff, 0])),
+            event(ImageSource::Inline(vec![])),
+            bare,
+        ] {
             let body = encode_event(&e);
             assert_eq!(decode_event(&body, product_image_event_schema()).unwrap(), e);
         }
@@ -865,7 +958,12 @@ mod tests {
     #[test]
     fn dead_letter_round_trips_with_and_without_optionals() {
         let full = dead_letter();
-        let bare = DeadLetter { original_key: None, event_id: None, product_id: None, ..dead_letter() };
+        let bare = DeadLetter {
+            original_key: None,
+            event_id: None,
+            product_id: None,
+            ..dead_letter()
+        };
         for d in [full, bare] {
             let body = encode_dead_letter(&d);
             assert_eq!(decode_dead_letter(&body, dead_letter_schema()).unwrap(), d);
@@ -875,8 +973,20 @@ mod tests {
     #[test]
     fn invalid_events_are_reported_with_their_ids() {
         let cases = [
-            (ProductImageEvent { event_id: "".into(), ..event(ImageSource::Uri("file:///x".into())) }, "event_id"),
-            (ProductImageEvent { product_id: " ".into(), ..event(ImageSource::Uri("file:///x".into())) }, "product_id"),
+            (
+                ProductImageEvent {
+                    event_id: "".into(),
+                    ..event(ImageSource::Uri("file:///x".into()))
+                },
+                "event_id",
+            ),
+            (
+                ProductImageEvent {
+                    product_id: " ".into(),
+                    ..event(ImageSource::Uri("file:///x".into()))
+                },
+                "product_id",
+            ),
             (event(ImageSource::Uri("".into())), "uri"),
         ];
         for (e, what) in cases {
@@ -884,11 +994,17 @@ mod tests {
             assert_eq!(err.kind(), Some(error_kinds::INVALID_EVENT), "{err}");
             assert!(err.to_string().contains(what), "{err}");
         }
-        let err = decode_event(&encode_event(&event(ImageSource::Uri("".into()))), product_image_event_schema())
-            .unwrap_err();
+        let err = decode_event(
+            &encode_event(&event(ImageSource::Uri("".into()))),
+            product_image_event_schema(),
+        )
+        .unwrap_err();
         assert_eq!(err.ids(), (Some("e-1"), Some("p-1")));
         let err = decode_event(
-            &encode_event(&ProductImageEvent { event_id: "".into(), ..event(ImageSource::Inline(vec![1])) }),
+            &encode_event(&ProductImageEvent {
+                event_id: "".into(),
+                ..event(ImageSource::Inline(vec![1]))
+            }),
             product_image_event_schema(),
         )
         .unwrap_err();
@@ -912,7 +1028,19 @@ mod tests {
     #[test]
     fn longs_use_zigzag_varints() {
         let long = Schema::parse_str(r#""long""#).unwrap();
-        for v in [0, -1, 1, 63, -64, 64, -65, 1 << 40, i64::from(i32::MIN), i64::MIN, i64::MAX] {
+        for v in [
+            0,
+            -1,
+            1,
+            63,
+            -64,
+            64,
+            -65,
+            1 << 40,
+            i64::from(i32::MIN),
+            i64::MIN,
+            i64::MAX,
+        ] {
             let mut out = Out::with_capacity(10);
             out.long(v);
             assert_eq!(out.0, apache_avro::to_avro_datum(&long, Value::Long(v)).unwrap(), "{v}");
@@ -940,7 +1068,12 @@ mod tests {
             metadata: BTreeMap::new(),
             ..attributes()
         };
-        let bare_letter = DeadLetter { original_key: None, event_id: None, product_id: None, ..dead_letter() };
+        let bare_letter = DeadLetter {
+            original_key: None,
+            event_id: None,
+            product_id: None,
+            ..dead_letter()
+        };
         for (body, schema) in [
             (encode_event(&inline), product_image_event_schema()),
             (encode_event(&bare), product_image_event_schema()),
@@ -956,7 +1089,8 @@ mod tests {
 
     #[test]
     fn an_unrelated_writer_schema_is_a_schema_mismatch() {
-        let other = Schema::parse_str(r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#).unwrap();
+        let other =
+            Schema::parse_str(r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#).unwrap();
         let body = apache_avro::to_avro_datum(&other, Value::Record(vec![("x".into(), Value::Int(3))])).unwrap();
         let err = decode_event(&body, &other).unwrap_err();
         assert_eq!(err.kind(), Some(error_kinds::UNKNOWN_SCHEMA), "{err}");
@@ -970,7 +1104,9 @@ mod tests {
         let value = apache_avro::from_avro_datum(product_attributes_schema(), &mut &body[..], None).unwrap();
         // attributes.object_colours[0].colours[0].r
         let Value::Record(mut fields) = value else { panic!() };
-        let Value::Record(ref mut attrs) = fields[6].1 else { panic!() };
+        let Value::Record(ref mut attrs) = fields[6].1 else {
+            panic!()
+        };
         let Value::Array(ref mut oc) = attrs[2].1 else { panic!() };
         let Value::Record(ref mut o) = oc[0] else { panic!() };
         let Value::Array(ref mut cs) = o[2].1 else { panic!() };
@@ -1022,9 +1158,13 @@ mod tests {
             match v {
                 serde_json::Value::Object(o) => {
                     let is_record = o.get("type") == Some(&serde_json::json!("record"));
-                    let is_field = o.contains_key("name") && o.contains_key("type") && !is_record && path.ends_with("fields");
-                    if (is_record || is_field) && !o.get("doc").is_some_and(|d| d.as_str().is_some_and(|s| !s.is_empty())) {
-                        missing.push(format!("{path}/{}", o.get("name").and_then(|n| n.as_str()).unwrap_or("?")));
+                    let is_field =
+                        o.contains_key("name") && o.contains_key("type") && !is_record && path.ends_with("fields");
+                    if (is_record || is_field) && o.get("doc").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+                        missing.push(format!(
+                            "{path}/{}",
+                            o.get("name").and_then(|n| n.as_str()).unwrap_or("?")
+                        ));
                     }
                     for (k, child) in o {
                         walk(child, &format!("{path}/{k}"), missing);
@@ -1035,7 +1175,11 @@ mod tests {
             }
         }
         let mut missing = Vec::new();
-        for json in [product_image_event_schema_json(), product_attributes_schema_json(), dead_letter_schema_json()] {
+        for json in [
+            product_image_event_schema_json(),
+            product_attributes_schema_json(),
+            dead_letter_schema_json(),
+        ] {
             walk(&serde_json::from_str(json).unwrap(), "", &mut missing);
         }
         assert!(missing.is_empty(), "records or fields without doc: {missing:?}");

@@ -129,18 +129,26 @@ impl SchemaRegistry {
     /// prefix is kept), with optional HTTP basic auth (`user`, `password`) and a timeout for
     /// each request (connecting included).
     pub fn new(base_url: &str, basic_auth: Option<(String, String)>, timeout: Duration) -> anyhow::Result<Self> {
-        let mut base = Url::parse(base_url)
-            .with_context(|| format!("schema registry URL {base_url:?} is not a valid URL (expected e.g. http://host:8081)"))?;
+        let mut base = Url::parse(base_url).with_context(|| {
+            format!("schema registry URL {base_url:?} is not a valid URL (expected e.g. http://host:8081)")
+        })?;
         anyhow::ensure!(
             matches!(base.scheme(), "http" | "https"),
             "schema registry URL {} must start with http:// or https://",
             redacted(&base)
         );
-        anyhow::ensure!(base.host().is_some(), "schema registry URL {} has no host", redacted(&base));
+        anyhow::ensure!(
+            base.host().is_some(),
+            "schema registry URL {} has no host",
+            redacted(&base)
+        );
         // Credentials in the URL become basic auth, unless given explicitly.
         let mut auth = basic_auth;
         if auth.is_none() && !base.username().is_empty() {
-            auth = Some((percent_decode(base.username()), base.password().map(percent_decode).unwrap_or_default()));
+            auth = Some((
+                percent_decode(base.username()),
+                base.password().map(percent_decode).unwrap_or_default(),
+            ));
         }
         let _ = base.set_username("");
         let _ = base.set_password(None);
@@ -149,7 +157,12 @@ impl SchemaRegistry {
             .connect_timeout(timeout)
             .build()
             .context("cannot build the HTTP client for the schema registry")?;
-        Ok(SchemaRegistry { base, client, auth, by_id: Mutex::new(HashMap::new()) })
+        Ok(SchemaRegistry {
+            base,
+            client,
+            auth,
+            by_id: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The registry's base URL (without credentials), for messages.
@@ -195,20 +208,33 @@ impl SchemaRegistry {
         let url = self.url_for(&["schemas", "ids", &id.to_string()]);
         let (_, text) = self.call(Method::GET, url.clone(), None).await?;
         let answer = parse_answer::<SchemaAnswer>(&url, Method::GET, &text)?;
-        if let Some(kind) = answer.schema_type.as_deref().filter(|k| !k.eq_ignore_ascii_case("AVRO")) {
-            return Err(RegistryError::UnusableSchema { id, reason: format!("it is a {kind} schema, not Avro") });
+        if let Some(kind) = answer
+            .schema_type
+            .as_deref()
+            .filter(|k| !k.eq_ignore_ascii_case("AVRO"))
+        {
+            return Err(RegistryError::UnusableSchema {
+                id,
+                reason: format!("it is a {kind} schema, not Avro"),
+            });
         }
         if !answer.references.is_empty() {
             return Err(RegistryError::UnusableSchema {
                 id,
-                reason: "it uses schema references, which attrstream does not resolve; register a self-contained schema"
-                    .into(),
+                reason:
+                    "it uses schema references, which attrstream does not resolve; register a self-contained schema"
+                        .into(),
             });
         }
-        let schema = Schema::parse_str(&answer.schema)
-            .map_err(|e| RegistryError::UnusableSchema { id, reason: format!("it does not parse as Avro: {e}") })?;
+        let schema = Schema::parse_str(&answer.schema).map_err(|e| RegistryError::UnusableSchema {
+            id,
+            reason: format!("it does not parse as Avro: {e}"),
+        })?;
         let schema = Arc::new(schema);
-        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).insert(id, schema.clone());
+        self.by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, schema.clone());
         Ok(schema)
     }
 
@@ -227,7 +253,12 @@ impl SchemaRegistry {
 
     /// Sends a request; a success status returns the body, anything else an error that says
     /// what went wrong and what to do.
-    async fn call(&self, method: Method, url: Url, body: Option<String>) -> Result<(StatusCode, String), RegistryError> {
+    async fn call(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<String>,
+    ) -> Result<(StatusCode, String), RegistryError> {
         let shown = redacted(&url);
         let mut request = self.client.request(method.clone(), url).header(
             ACCEPT,
@@ -250,7 +281,9 @@ impl SchemaRegistry {
         if status.is_success() {
             return Ok((status, text));
         }
-        let error_code = serde_json::from_str::<ErrorAnswer>(&text).ok().and_then(|e| e.error_code);
+        let error_code = serde_json::from_str::<ErrorAnswer>(&text)
+            .ok()
+            .and_then(|e| e.error_code);
         Err(RegistryError::Status {
             method,
             url: shown,
@@ -306,7 +339,11 @@ fn percent_decode(text: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(hi), Some(lo)) => {
                 out.push((hi * 16 + lo) as u8);
                 i += 3;
@@ -419,10 +456,19 @@ impl InputDecoder {
     pub fn new(schemas: InputSchemas) -> Self {
         let mode = match schemas {
             InputSchemas::Registry(registry) => Mode::Registry(registry),
-            InputSchemas::Fixed { id, writer_schema } => Mode::Fixed { id, writer: Writer::new(Arc::new(writer_schema)) },
-            InputSchemas::Raw { writer_schema } => Mode::Raw { writer: Writer::new(Arc::new(writer_schema)) },
+            InputSchemas::Fixed { id, writer_schema } => Mode::Fixed {
+                id,
+                writer: Writer::new(Arc::new(writer_schema)),
+            },
+            InputSchemas::Raw { writer_schema } => Mode::Raw {
+                writer: Writer::new(Arc::new(writer_schema)),
+            },
         };
-        InputDecoder { mode, writers: Mutex::new(HashMap::new()), unknown: Mutex::new(HashMap::new()) }
+        InputDecoder {
+            mode,
+            writers: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Decodes one message value. Errors carry their dead-letter kind
@@ -432,7 +478,9 @@ impl InputDecoder {
             return done;
         }
         // Only the registry mode with an id not yet cached gets here.
-        let Mode::Registry(registry) = &self.mode else { unreachable!("fixed and raw modes never need the registry") };
+        let Mode::Registry(registry) = &self.mode else {
+            unreachable!("fixed and raw modes never need the registry")
+        };
         let (id, body) = wire::unframe(value)?;
         let writer = match registry.shared_schema_by_id(id).await {
             Ok(schema) => {
@@ -441,14 +489,23 @@ impl InputDecoder {
                 writer
             }
             Err(e) if is_unavailable(&e) => {
-                return Err(DecodeError::RegistryUnavailable { id, reason: e.to_string() });
+                return Err(DecodeError::RegistryUnavailable {
+                    id,
+                    reason: e.to_string(),
+                });
             }
             Err(e) => {
                 let reason = match &e {
                     RegistryError::Status { .. } => format!("the schema registry {} does not know it", registry.url()),
                     other => other.to_string(),
                 };
-                lock(&self.unknown).insert(id, Unknown { reason: reason.clone(), since: Instant::now() });
+                lock(&self.unknown).insert(
+                    id,
+                    Unknown {
+                        reason: reason.clone(),
+                        since: Instant::now(),
+                    },
+                );
                 return Err(DecodeError::UnknownSchema { id, reason });
             }
         };
@@ -482,9 +539,10 @@ impl InputDecoder {
                 }
                 let mut unknown = lock(&self.unknown);
                 match unknown.get(&id) {
-                    Some(u) if u.since.elapsed() < UNKNOWN_ID_TTL => {
-                        Some(Err(DecodeError::UnknownSchema { id, reason: u.reason.clone() }))
-                    }
+                    Some(u) if u.since.elapsed() < UNKNOWN_ID_TTL => Some(Err(DecodeError::UnknownSchema {
+                        id,
+                        reason: u.reason.clone(),
+                    })),
                     Some(_) => {
                         unknown.remove(&id);
                         None
@@ -576,7 +634,10 @@ mod tests {
         assert!(!is_unavailable(&status(404)));
         assert!(is_unavailable(&status(500)));
         assert!(is_unavailable(&status(401)));
-        assert!(!is_unavailable(&RegistryError::UnusableSchema { id: 1, reason: String::new() }));
+        assert!(!is_unavailable(&RegistryError::UnusableSchema {
+            id: 1,
+            reason: String::new()
+        }));
     }
 
     #[test]
@@ -591,7 +652,10 @@ mod tests {
         };
         let body = codec::encode_event(&event);
         let schema = codec::product_image_event_schema().clone();
-        let fixed = InputDecoder::new(InputSchemas::Fixed { id: 5, writer_schema: schema.clone() });
+        let fixed = InputDecoder::new(InputSchemas::Fixed {
+            id: 5,
+            writer_schema: schema.clone(),
+        });
         assert_eq!(fixed.decode_cached(&wire::frame(5, &body)).unwrap().unwrap(), event);
         let err = fixed.decode_cached(&wire::frame(6, &body)).unwrap().unwrap_err();
         assert_eq!(err.kind(), Some(crate::events::error_kinds::UNKNOWN_SCHEMA), "{err}");

@@ -303,12 +303,11 @@ fn poll_loop(
                     break; // pipeline gone: stop, nothing more can be acknowledged
                 }
             }
-            Some(Err(e)) => {
-                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                    tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)");
-                    last_error = Some(Instant::now());
-                }
+            Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
+                tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)");
+                last_error = Some(Instant::now());
             }
+            Some(Err(_)) => {}
         }
     }
     // Shutdown: stop intake, wait for in-flight work while still polling (group membership).

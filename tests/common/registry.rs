@@ -191,27 +191,19 @@ fn gate(state: &Shared, route: &str, headers: &HeaderMap) -> Option<Response> {
     None
 }
 
-/// The `schema` (and `schemaType`) of a request body, or a 422 answer.
-fn schema_of(body: &str) -> Result<(String, Option<String>), Response> {
-    let request: Value = serde_json::from_str(body).map_err(|e| {
-        error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            42201,
-            &format!("body is not JSON: {e}"),
-        )
-    })?;
-    let schema = request["schema"]
-        .as_str()
-        .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "body has no \"schema\" string"))?;
+/// The `schema` (and `schemaType`) of a request body, or the 422 answer's message.
+fn schema_of(body: &str) -> Result<(String, Option<String>), String> {
+    let request: Value = serde_json::from_str(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let schema = request["schema"].as_str().ok_or("body has no \"schema\" string")?;
     let schema_type = request["schemaType"].as_str().map(str::to_owned);
     if schema_type.is_none() && serde_json::from_str::<Value>(schema).is_err() {
-        return Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            42201,
-            "Invalid schema: not JSON",
-        ));
+        return Err("Invalid schema: not JSON".into());
     }
     Ok((schema.to_owned(), schema_type))
+}
+
+fn invalid(message: String) -> Response {
+    error(StatusCode::UNPROCESSABLE_ENTITY, 42201, &message)
 }
 
 async fn register(
@@ -225,7 +217,7 @@ async fn register(
     }
     let (schema, schema_type) = match schema_of(&body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(message) => return invalid(message),
     };
     let mut data = state.data.lock().unwrap();
     let id = data.id_of(&schema, schema_type);
@@ -247,7 +239,7 @@ async fn lookup(
     }
     let (schema, _) = match schema_of(&body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(message) => return invalid(message),
     };
     let data = state.data.lock().unwrap();
     let Some(versions) = data.subjects.get(&subject) else {
