@@ -472,7 +472,11 @@ fn wait_for(reader: &Reader, service: &Service, n: usize, timeout: Duration, wha
             );
         }
         if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("  {what}: {} of {n} records after {:.0} s", reader.seen(), started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {what}: {} of {n} records after {:.0} s",
+                reader.seen(),
+                started.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -562,7 +566,9 @@ impl Photos {
         let mut decoded = Vec::new();
         for path in common::sample_paths() {
             let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            decoded.push(decode_image(&bytes, DEFAULT_MAX_PIXELS).with_context(|| format!("decoding {}", path.display()))?);
+            decoded.push(
+                decode_image(&bytes, DEFAULT_MAX_PIXELS).with_context(|| format!("decoding {}", path.display()))?,
+            );
             encoded.push(bytes);
         }
         Ok(Self { encoded, decoded })
@@ -579,13 +585,16 @@ impl Photos {
     }
 }
 
+/// One bare-detector worker's timed run: images, start, end, seconds of each batch.
+type BareRun = (usize, Instant, Instant, Vec<f64>);
+
 /// The bare detector: each configured worker's backend on its own thread (as the service
 /// builds it), waiting for "run N batches" commands.
 struct BareDetector {
     /// One command channel per worker: batches to run.
     commands: Vec<mpsc::Sender<usize>>,
-    /// (images, start, end) per worker and command.
-    results: mpsc::Receiver<Result<(usize, Instant, Instant)>>,
+    /// (images, start, end, seconds per batch) per worker and command.
+    results: mpsc::Receiver<Result<BareRun>>,
 }
 
 impl BareDetector {
@@ -608,7 +617,11 @@ impl BareDetector {
                 .name(format!("bench-bare-{index}"))
                 .spawn(move || {
                     let batches: Vec<Vec<RgbImage>> = (0..photos.len())
-                        .map(|offset| (0..batch).map(|j| photos[(offset + j) % photos.len()].clone()).collect())
+                        .map(|offset| {
+                            (0..batch)
+                                .map(|j| photos[(offset + j) % photos.len()].clone())
+                                .collect()
+                        })
                         .collect();
                     let mut backend = match factory(index) {
                         Ok(b) => b,
@@ -629,15 +642,18 @@ impl BareDetector {
                         let start = Instant::now();
                         let mut images = 0;
                         let mut result = Ok(());
+                        let mut per_batch = Vec::with_capacity(rounds);
                         for r in 0..rounds {
                             let b = &batches[(index + r) % batches.len()];
+                            let t = Instant::now();
                             if let Err(e) = backend.infer(b) {
                                 result = Err(e);
                                 break;
                             }
+                            per_batch.push(t.elapsed().as_secs_f64());
                             images += b.len();
                         }
-                        let _ = results_tx.send(result.map(|()| (images, start, Instant::now())));
+                        let _ = results_tx.send(result.map(|()| (images, start, Instant::now(), per_batch)));
                     }
                 })
                 .context("cannot start a bare-detector thread")?;
@@ -651,20 +667,23 @@ impl BareDetector {
         Ok(Self { commands, results })
     }
 
-    /// Every worker runs `rounds` batches at the same time; returns images, seconds.
-    fn run(&self, rounds: usize) -> Result<(usize, f64)> {
+    /// Every worker runs `rounds` batches at the same time; returns images, seconds and the
+    /// seconds of each batch, sorted.
+    fn run(&self, rounds: usize) -> Result<(usize, f64, Vec<f64>)> {
         for c in &self.commands {
             c.send(rounds).context("bare detector thread gone")?;
         }
         let mut images = 0;
         let mut first: Option<Instant> = None;
         let mut last: Option<Instant> = None;
+        let mut batches = Vec::new();
         for _ in &self.commands {
-            let (n, start, end) = self
+            let (n, start, end, per_batch) = self
                 .results
                 .recv_timeout(Duration::from_secs(1800))
                 .map_err(|_| anyhow::anyhow!("bare detector: no result within 30 min"))??;
             images += n;
+            batches.extend(per_batch);
             first = Some(first.map_or(start, |f| f.min(start)));
             last = Some(last.map_or(end, |l| l.max(end)));
         }
@@ -672,7 +691,8 @@ impl BareDetector {
             (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
             _ => 0.0,
         };
-        Ok((images, secs))
+        batches.sort_by(f64::total_cmp);
+        Ok((images, secs, batches))
     }
 }
 
@@ -688,6 +708,8 @@ struct ThroughputResult {
     report: RunReport,
     /// Input partitions.
     partitions: i32,
+    /// Batches and stage timings from the output records.
+    inside: InsideFigures,
 }
 
 /// Phase 1: the bare detector, then the pipeline on M photo events, then the bare detector again.
@@ -700,12 +722,20 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
     *model = Some(model_ref);
     let workers = inference.workers;
 
-    eprintln!("phase 1: loading the bare detector ({workers} worker(s), batch {})", settings.batch);
+    eprintln!(
+        "phase 1: loading the bare detector ({workers} worker(s), batch {})",
+        settings.batch
+    );
     let decoded = Arc::new(photos.decoded.clone());
     let bare = BareDetector::start(&inference, &decoded, settings.batch)?;
     let rounds = m.div_ceil(2 * settings.batch * workers).max(2);
-    let (n1, s1) = bare.run(rounds)?;
-    eprintln!("  bare detector, first half: {n1} images in {s1:.2} s ({:.2} imgs/s)", n1 as f64 / s1);
+    let (n1, s1, b1) = bare.run(rounds)?;
+    eprintln!(
+        "  bare detector, first half: {n1} images in {s1:.2} s ({:.2} imgs/s; per batch min {:.3} s, median {:.3} s)",
+        n1 as f64 / s1,
+        b1[0],
+        percentile(&b1, 50.0)
+    );
 
     eprintln!("phase 1: publishing {m} photo events over {partitions} partitions");
     let expected: HashSet<String> = (0..m).map(|i| format!("photo-{i}")).collect();
@@ -737,9 +767,15 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
     check_complete(&arrivals, &expected)?;
     let skip = (m / 10).max(2 * settings.batch * workers);
     let pipeline = steady_throughput(&arrivals, skip, 4 * settings.batch * workers)?;
+    let inside = inside_figures(&arrivals)?;
 
-    let (n2, s2) = bare.run(rounds)?;
-    eprintln!("  bare detector, second half: {n2} images in {s2:.2} s ({:.2} imgs/s)", n2 as f64 / s2);
+    let (n2, s2, b2) = bare.run(rounds)?;
+    eprintln!(
+        "  bare detector, second half: {n2} images in {s2:.2} s ({:.2} imgs/s; per batch min {:.3} s, median {:.3} s)",
+        n2 as f64 / s2,
+        b2[0],
+        percentile(&b2, 50.0)
+    );
     drop(bare);
     Ok(ThroughputResult {
         bare: (n1 + n2) as f64 / (s1 + s2),
@@ -747,6 +783,7 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
         pipeline,
         report,
         partitions,
+        inside,
     })
 }
 
@@ -814,12 +851,22 @@ fn phase_latency(settings: &Settings, photos: &Photos, rate: f64) -> Result<Late
             service.check_running()?;
         }
         let span = last_send.duration_since(started).as_secs_f64();
-        let sent_rate = if count > 1 { (count - 1) as f64 / span.max(1e-9) } else { rate };
+        let sent_rate = if count > 1 {
+            (count - 1) as f64 / span.max(1e-9)
+        } else {
+            rate
+        };
         producer
             .flush(Duration::from_secs(60))
             .context("phase 3: events not acknowledged within 60 s")?;
         reader.set_target(warm + count);
-        wait_for(&reader, &service, warm + count, Duration::from_secs(120), "phase 3 (latency)")?;
+        wait_for(
+            &reader,
+            &service,
+            warm + count,
+            Duration::from_secs(120),
+            "phase 3 (latency)",
+        )?;
         Ok::<_, anyhow::Error>((count, sent_rate))
     })();
     let report = service.stop(Duration::from_secs(60));
@@ -887,6 +934,12 @@ struct CeilingResult {
     report: RunReport,
     /// The configuration used.
     config: Config,
+    /// CPU seconds the whole process used from service start to the last record.
+    cpu_secs: f64,
+    /// The same by thread name.
+    cpu: Vec<(String, f64)>,
+    /// Batches and stage timings from the output records.
+    inside: InsideFigures,
 }
 
 /// Phase 2: tiny images, identity inference, `ceiling_events` events.
@@ -901,7 +954,10 @@ fn phase_ceiling(settings: &Settings) -> Result<CeilingResult> {
     config.pipeline.max_in_flight = settings.ceiling_in_flight;
     config.validate()?;
     let png = tiny_png()?;
-    eprintln!("phase 2: publishing {n} events ({} B PNG) over {partitions} partitions", png.len());
+    eprintln!(
+        "phase 2: publishing {n} events ({} B PNG) over {partitions} partitions",
+        png.len()
+    );
     let published = Instant::now();
     publish(
         &brokers,
@@ -917,10 +973,14 @@ fn phase_ceiling(settings: &Settings) -> Result<CeilingResult> {
     reader.set_target(n);
     let factory: BackendFactory = Arc::new(|_| Ok(Box::new(Identity) as Box<dyn InferenceBackend>));
     eprintln!("phase 2: running the pipeline with the identity step");
+    let threads_before = thread_cpu();
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let service = Service::start(config.clone(), Inference { workers: 1, factory })?;
     let waited = wait_for(&reader, &service, n, Duration::from_secs(300), "phase 2 (ceiling)");
     let total_secs = started.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu() - cpu_before;
+    let cpu = cpu_by_thread(&threads_before, &thread_cpu());
     let report = service.stop(Duration::from_secs(60));
     let arrivals = reader.finish()?;
     waited?;
@@ -928,12 +988,284 @@ fn phase_ceiling(settings: &Settings) -> Result<CeilingResult> {
     let expected: HashSet<String> = (0..n).map(|i| format!("tiny-{i}")).collect();
     check_complete(&arrivals, &expected)?;
     let throughput = steady_throughput(&arrivals, n / 10, 4 * settings.ceiling_batch)?;
+    let inside = inside_figures(&arrivals)?;
     Ok(CeilingResult {
         throughput,
         total_secs,
         report,
         config,
+        cpu_secs,
+        cpu,
+        inside,
     })
+}
+
+/// CPU seconds of every live thread of this process: thread id → (name, seconds).
+fn thread_cpu() -> BTreeMap<u32, (String, f64)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some((name, secs)) = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+        {
+            out.insert(tid, (name, secs));
+        }
+    }
+    out
+}
+
+/// CPU seconds of the whole process (threads that ended included).
+fn process_cpu() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .map(|(_, secs)| secs)
+        .unwrap_or(0.0)
+}
+
+/// (name, utime + stime in seconds) from a `/proc/…/stat` line.
+fn parse_stat(stat: &str) -> Option<(String, f64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_string();
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((name, ticks / 100.0))
+}
+
+/// CPU used between two snapshots, summed by thread name; threads that did not exist in
+/// `before` are marked as started during the run. Sorted, largest first.
+fn cpu_by_thread(before: &BTreeMap<u32, (String, f64)>, after: &BTreeMap<u32, (String, f64)>) -> Vec<(String, f64)> {
+    let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+    for (tid, (name, secs)) in after {
+        let (label, used) = match before.get(tid) {
+            Some((_, was)) => (format!("{name} [before]"), secs - was),
+            None => (format!("{name} [service]"), *secs),
+        };
+        *by_name.entry(label).or_default() += used;
+    }
+    let mut v: Vec<(String, f64)> = by_name.into_iter().filter(|(_, s)| *s > 0.0).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+/// Per-batch facts from output records: records of one batch share `inference_ms`.
+#[derive(Debug, Clone, Copy, Default)]
+struct InsideFigures {
+    /// Distinct batches seen.
+    batches: usize,
+    /// Images in them.
+    images: usize,
+    /// Σ batch inference seconds.
+    inference_secs: f64,
+    /// Mean decode ms per record.
+    decode_ms: f64,
+    /// Mean batch wait ms per record.
+    batch_wait_ms: f64,
+    /// Mean consumer-to-emit ms per record.
+    total_ms: f64,
+}
+
+/// Batch sizes, model time and stage timings from the output records.
+fn inside_figures(arrivals: &[Arrival]) -> Result<InsideFigures> {
+    let mut batches: BTreeMap<u64, (usize, f64)> = BTreeMap::new();
+    let mut f = InsideFigures::default();
+    let mut n = 0usize;
+    for a in arrivals.iter().filter(|a| !a.dead) {
+        let r = a.attributes()?;
+        let entry = batches
+            .entry(r.timings.inference_ms.to_bits())
+            .or_insert((0, r.timings.inference_ms));
+        entry.0 += 1;
+        f.decode_ms += r.timings.decode_ms;
+        f.batch_wait_ms += r.timings.batch_wait_ms;
+        f.total_ms += r.timings.total_ms;
+        n += 1;
+    }
+    let n = n.max(1) as f64;
+    f.decode_ms /= n;
+    f.batch_wait_ms /= n;
+    f.total_ms /= n;
+    f.batches = batches.len();
+    f.images = batches.values().map(|(c, _)| c).sum();
+    f.inference_secs = batches.values().map(|(_, ms)| ms / 1000.0).sum();
+    Ok(f)
+}
+
+/// One stage measured alone: name, operations per second, how.
+struct StageFigure {
+    /// What was measured.
+    stage: &'static str,
+    /// Operations (messages) per second.
+    per_s: f64,
+    /// How it was measured.
+    detail: String,
+}
+
+/// Times `f` over `n` calls; returns calls per second.
+fn per_second(n: usize, mut f: impl FnMut(usize)) -> f64 {
+    let started = Instant::now();
+    for i in 0..n {
+        f(i);
+    }
+    n as f64 / started.elapsed().as_secs_f64().max(1e-9)
+}
+
+/// The identity step's output record for a tiny image, framed as the sink frames it.
+fn tiny_output_record(i: usize) -> Vec<u8> {
+    let record = ProductAttributes {
+        event_id: format!("tiny-{i}"),
+        product_id: format!("tiny-{i}"),
+        model: Identity.model(),
+        image_width: 8,
+        image_height: 8,
+        detections: Vec::new(),
+        attributes: Default::default(),
+        timings: Default::default(),
+        event_time_ms: Some(wall_us() / 1000),
+        processed_time_ms: wall_us() / 1000,
+        metadata: BTreeMap::new(),
+    };
+    frame(OUTPUT_SCHEMA_ID, &attrstream::events::codec::encode_attributes(&record))
+}
+
+/// The ceiling's stages one at a time, each at its own maximum rate on this machine: the
+/// CPU work per message (Avro decode, PNG decode, Avro encode), the decode hop through the
+/// async runtime (semaphore + `spawn_blocking`, as `pipeline::process` does it), and Kafka
+/// alone (consuming the input with the service's consumer settings; producing output
+/// records with the service's producer, one task per record, as the sink does).
+fn phase_breakdown(settings: &Settings) -> Result<Vec<StageFigure>> {
+    let n = settings.ceiling_events;
+    let png = tiny_png()?;
+    let mut figures = Vec::new();
+    let config = base_config("localhost:9", settings)?;
+    let decoder = attrstream::events::registry::InputDecoder::new(attrstream::pipeline::input_schemas(&config, None)?);
+    let events: Vec<Vec<u8>> = (0..n).map(|i| framed_event(&format!("tiny-{i}"), &png, None)).collect();
+    let rate = per_second(n, |i| {
+        let decoded = decoder.decode_cached(&events[i]);
+        assert!(matches!(decoded, Some(Ok(_))), "event decodes");
+    });
+    figures.push(StageFigure {
+        stage: "Avro decode of the input event",
+        per_s: rate,
+        detail: format!("InputDecoder::decode_cached, {n} events, one thread"),
+    });
+    let rate = per_second(n, |_| {
+        decode_image(&png, DEFAULT_MAX_PIXELS).expect("tiny PNG decodes");
+    });
+    figures.push(StageFigure {
+        stage: "PNG decode (8×8)",
+        per_s: rate,
+        detail: format!("preprocess::decode_image, {n} images, one thread"),
+    });
+    let rate = per_second(n, |i| {
+        std::hint::black_box(tiny_output_record(i));
+    });
+    figures.push(StageFigure {
+        stage: "Avro encode of the output record",
+        per_s: rate,
+        detail: format!("codec::encode_attributes + frame, {n} records, one thread"),
+    });
+
+    let rt = attrstream::serve::runtime()?;
+    let permits = config.decode_threads();
+    let png = Arc::new(png);
+    let started = Instant::now();
+    rt.block_on(async {
+        let cpu = Arc::new(tokio::sync::Semaphore::new(permits));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        for _ in 0..n {
+            let (cpu, tx, png) = (cpu.clone(), tx.clone(), png.clone());
+            tokio::spawn(async move {
+                let _permit = cpu.acquire().await;
+                let _ = tokio::task::spawn_blocking(move || decode_image(&png, DEFAULT_MAX_PIXELS)).await;
+                let _ = tx.send(());
+            });
+        }
+        drop(tx);
+        while rx.recv().await.is_some() {}
+    });
+    figures.push(StageFigure {
+        stage: "decode hop on the runtime",
+        per_s: n as f64 / started.elapsed().as_secs_f64(),
+        detail: format!("tokio::spawn + semaphore({permits}) + spawn_blocking(decode_image), {n} tasks"),
+    });
+
+    let partitions = settings.ceiling_partitions;
+    let broker = EmbeddedBroker::start(1, &[(IN, partitions), (OUT, partitions)])?;
+    let brokers = broker.bootstrap_servers().to_string();
+    publish(
+        &brokers,
+        partitions,
+        events.into_iter().enumerate().map(|(i, v)| (format!("tiny-{i}"), v)),
+    )?;
+    let config = base_config(&brokers, settings)?;
+    let mut cc = ClientConfig::new();
+    for (k, v) in attrstream::pipeline::consumer_properties(&config) {
+        cc.set(k, v);
+    }
+    cc.set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer = cc.create()?;
+    consumer.subscribe(&[IN])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut got = 0usize;
+    let mut first: Option<Instant> = None;
+    while got < n {
+        if Instant::now() > deadline {
+            bail!("breakdown: consumed only {got} of {n} input events in 120 s");
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            std::hint::black_box(m.payload().map(<[u8]>::to_vec));
+            got += 1;
+            first.get_or_insert_with(Instant::now);
+        }
+    }
+    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+    drop(consumer);
+    figures.push(StageFigure {
+        stage: "Kafka consume alone",
+        per_s: (n - 1) as f64 / secs,
+        detail: format!("BaseConsumer::poll with the service's consumer settings, {n} events, {partitions} partitions"),
+    });
+
+    let producer = attrstream::sink::create_producer(&attrstream::pipeline::producer_properties(&config))?;
+    let records: Vec<Vec<u8>> = (0..n).map(tiny_output_record).collect();
+    let started = Instant::now();
+    let failed = rt.block_on(async {
+        let mut tasks = Vec::with_capacity(n);
+        for (i, payload) in records.into_iter().enumerate() {
+            let producer = producer.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = format!("tiny-{i}");
+                let record = rdkafka::producer::FutureRecord::<str, [u8]>::to(OUT)
+                    .key(&key)
+                    .payload(&payload);
+                producer.send(record, rdkafka::util::Timeout::Never).await.is_err()
+            }));
+        }
+        let mut failed = 0;
+        for t in tasks {
+            if t.await.unwrap_or(true) {
+                failed += 1;
+            }
+        }
+        failed
+    });
+    if failed > 0 {
+        bail!("breakdown: {failed} of {n} output records failed to produce");
+    }
+    figures.push(StageFigure {
+        stage: "Kafka produce alone",
+        per_s: n as f64 / started.elapsed().as_secs_f64(),
+        detail: format!("FutureProducer::send with the service's producer settings, one task per record, {n} records"),
+    });
+    Ok(figures)
 }
 
 /// The first line of `date -u`, or the Unix time.
@@ -976,9 +1308,7 @@ fn verdict(met: bool) -> &'static str {
 
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .try_init();
     if let Err(e) = std::env::set_current_dir(common::root()) {
@@ -1032,6 +1362,18 @@ fn main() -> ExitCode {
             Ok(r) => Some(r),
             Err(e) => {
                 failures.push(format!("phase 2 (ceiling): {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let breakdown = if settings.runs("breakdown") {
+        match phase_breakdown(&settings) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                failures.push(format!("breakdown: {e:#}"));
                 None
             }
         }
@@ -1119,6 +1461,44 @@ fn main() -> ExitCode {
         );
     }
     println!();
+    if let Some(t) = &throughput {
+        let i = &t.inside;
+        println!(
+            "phase 1 inside the pipeline (from the records): {} batches, mean {:.2} images; model time alone \
+             {:.2} imgs/s; per record: decode {:.1} ms, batch wait {:.1} ms, consumer to output {:.0} ms",
+            i.batches,
+            i.images as f64 / i.batches.max(1) as f64,
+            i.images as f64 / i.inference_secs.max(1e-9),
+            i.decode_ms,
+            i.batch_wait_ms,
+            i.total_ms,
+        );
+    }
+    if let Some(c) = &ceiling {
+        let msgs = settings.ceiling_events as f64;
+        println!(
+            "phase 2 CPU: {:.1} s of CPU in {:.1} s (mean {:.2} cores busy), {:.0} µs per message; per record: \
+             decode {:.2} ms, batch wait {:.2} ms, consumer to output {:.0} ms; {} batches",
+            c.cpu_secs,
+            c.total_secs,
+            c.cpu_secs / c.total_secs.max(1e-9),
+            c.cpu_secs * 1e6 / msgs,
+            c.inside.decode_ms,
+            c.inside.batch_wait_ms,
+            c.inside.total_ms,
+            c.inside.batches,
+        );
+        println!("phase 2 CPU by thread ([service] = started by the service, [before] = broker, reader, benchmark):");
+        for (name, secs) in c.cpu.iter().take(14) {
+            println!("  {name:<32} {secs:>7.2} s  {:>6.1} µs/msg", secs * 1e6 / msgs);
+        }
+    }
+    if let Some(b) = &breakdown {
+        println!("stages alone (BENCH_PHASES=breakdown), each at its own maximum rate:");
+        for f in b {
+            println!("  {:<36} {:>10.0} /s  ({})", f.stage, f.per_s, f.detail);
+        }
+    }
     println!("total time {:.0} s", started.elapsed().as_secs_f64());
     if failures.is_empty() {
         ExitCode::SUCCESS

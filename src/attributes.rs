@@ -235,12 +235,13 @@ pub fn main_object(dets: &ImageDetections) -> Option<MainObject> {
 ///
 /// The box is clipped to the image and shrunk by `cfg.box_margin` per side; at most
 /// `cfg.max_samples` pixels are taken on a regular grid (centres of equal cells), converted
-/// to CIE Lab and clustered by k-means (`cfg.k` clusters, at most 20 Lloyd iterations,
-/// squared ΔE76 distance). Initialisation is deterministic and robust to stray pixels: the
-/// samples are binned into Lab cells of 10 units; the most populous cell's mean is the first
-/// centre, and each next one is the cell mean maximising `cell population × squared distance
-/// to the nearest centre` (a deterministic k-means++: far from the centres so far *and*
-/// common, so a single specular highlight does not take a cluster). Clusters below
+/// to CIE Lab (D65) and clustered by k-means (`cfg.k` clusters, squared ΔE76 distance, at
+/// most 20 Lloyd iterations, converging on a quarter of the samples before refining on all).
+/// Initialisation is deterministic and robust to stray pixels: the samples are binned into
+/// Lab cells of 10 units; the most populous cell's mean is the first centre, and each next
+/// one is the cell mean maximising `cell population × squared distance to the nearest
+/// centre` (a deterministic k-means++: far from the centres so far *and* common, so a
+/// single specular highlight does not take a cluster). Clusters below
 /// `cfg.min_fraction` are dropped; each reported colour is its cluster's Lab mean converted
 /// back to sRGB and named with [`colour_name`].
 pub fn dominant_colours(image: &RgbImage, box_px: [f32; 4], cfg: &ColourConfig) -> Vec<DominantColour> {
@@ -714,17 +715,23 @@ pub fn ciede2000(lab1: [f32; 3], lab2: [f32; 3]) -> f32 {
 
 /// The colour names reported, with a representative sRGB value each: common fashion and
 /// product colour words, so consumers can filter on a small fixed vocabulary. A colour is
-/// named after the entry nearest to it (see [`colour_name`]). Values are the usual web
-/// colours, except where those are unlike the word's everyday product meaning (beige,
-/// lavender, khaki, cream).
-pub const PALETTE: [(&str, [u8; 3]); 24] = [
+/// named after the entry nearest to it (see [`colour_name`]).
+///
+/// Values start from the web colours of the same names, moved where nearest-neighbour
+/// naming of photographed products needed it (checked on a list of everyday shades: sky
+/// blue, denim, charcoal, camel, burgundy, coral, mint, …): `blue` is a royal blue rather
+/// than the violet-leaning pure primary, `orange` is web "dark orange", and `light blue`,
+/// `light green` and `charcoal` exist because without them pale blues became `silver`,
+/// bright greens `khaki` and blue-greys `blue`.
+pub const PALETTE: [(&str, [u8; 3]); 27] = [
     ("black", [0, 0, 0]),
     ("white", [255, 255, 255]),
     ("grey", [128, 128, 128]),
+    ("charcoal", [60, 64, 70]),
     ("silver", [192, 192, 192]),
     ("red", [255, 0, 0]),
     ("maroon", [128, 0, 0]),
-    ("orange", [255, 165, 0]),
+    ("orange", [255, 140, 0]),
     ("brown", [139, 69, 19]),
     ("beige", [235, 220, 185]),
     ("tan", [210, 180, 140]),
@@ -732,10 +739,12 @@ pub const PALETTE: [(&str, [u8; 3]); 24] = [
     ("gold", [255, 215, 0]),
     ("olive", [128, 128, 0]),
     ("green", [0, 128, 0]),
+    ("light green", [144, 238, 144]),
     ("teal", [0, 128, 128]),
     ("cyan", [0, 255, 255]),
     ("navy", [0, 0, 128]),
-    ("blue", [0, 0, 255]),
+    ("blue", [30, 80, 220]),
+    ("light blue", [150, 200, 235]),
     ("purple", [128, 0, 128]),
     ("lavender", [190, 160, 220]),
     ("pink", [255, 192, 203]),
@@ -900,9 +909,23 @@ mod tests {
         for (name, rgb) in PALETTE {
             assert_eq!(colour_name(srgb_to_lab(rgb)), name);
         }
-        assert_eq!(colour_name(srgb_to_lab([20, 20, 24])), "black");
-        assert_eq!(colour_name(srgb_to_lab([200, 20, 30])), "red");
-        assert_eq!(colour_name(srgb_to_lab([245, 245, 245])), "white");
+        // Everyday shades as products show them.
+        for (rgb, name) in [
+            ([20, 20, 24], "black"),
+            ([245, 245, 245], "white"),
+            ([200, 20, 30], "red"),
+            ([128, 0, 32], "maroon"),   // burgundy
+            ([64, 64, 64], "charcoal"), // dark grey
+            ([135, 206, 235], "light blue"),
+            ([21, 96, 189], "blue"),  // denim
+            ([193, 154, 107], "tan"), // camel
+            ([50, 205, 50], "light green"),
+            ([34, 139, 34], "green"),
+            ([255, 182, 193], "pink"),
+            ([80, 50, 30], "brown"),
+        ] {
+            assert_eq!(colour_name(srgb_to_lab(rgb)), name, "{rgb:?}");
+        }
     }
 
     /// Grey background with a box whose left half is red and right half navy.

@@ -222,7 +222,12 @@ mod tests {
         };
         let (tx, task, _results, largest) = setup(Duration::from_millis(20), cfg);
         for i in 0..9 {
-            tx.send(Pending { image: img(10), item: i }).await.unwrap();
+            tx.send(Pending {
+                image: img(10),
+                item: i,
+            })
+            .await
+            .unwrap();
         }
         drop(tx);
         let stats = task.await.unwrap().unwrap();

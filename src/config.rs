@@ -290,9 +290,16 @@ fn scalar_string_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<
 /// True for librdkafka property names whose values are secrets.
 pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key", "token"]
-        .iter()
-        .any(|needle| k.contains(needle))
+    [
+        "password",
+        "secret",
+        "sasl.oauthbearer.config",
+        "ssl.key.pem",
+        "ssl_key",
+        "token",
+    ]
+    .iter()
+    .any(|needle| k.contains(needle))
 }
 
 /// librdkafka options with secret values replaced, for logging.
@@ -300,7 +307,11 @@ pub fn redact(options: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     options
         .iter()
         .map(|(k, v)| {
-            let v = if is_secret_key(k) { REDACTED.to_string() } else { v.clone() };
+            let v = if is_secret_key(k) {
+                REDACTED.to_string()
+            } else {
+                v.clone()
+            };
             (k.clone(), v)
         })
         .collect()
@@ -391,7 +402,10 @@ impl Config {
             bail!("pipeline.max_in_flight must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.model.score_threshold) {
-            bail!("model.score_threshold must be in [0, 1], got {}", self.model.score_threshold);
+            bail!(
+                "model.score_threshold must be in [0, 1], got {}",
+                self.model.score_threshold
+            );
         }
         for spec in &self.model.devices {
             crate::device::parse_device(spec).with_context(|| format!("model.devices entry `{spec}`"))?;
@@ -485,7 +499,10 @@ mod tests {
             assert_eq!(c.kafka.input_topic, "in-file");
             assert_eq!(c.batch.max_wait, Duration::from_millis(25));
             assert_eq!(c.batch.max_batch_size, 16);
-            assert_eq!(c.kafka.options.get("security_protocol").map(String::as_str), Some("SASL_SSL"));
+            assert_eq!(
+                c.kafka.options.get("security_protocol").map(String::as_str),
+                Some("SASL_SSL")
+            );
             assert_eq!(normalize_kafka_key("security_protocol"), "security.protocol");
             Ok(())
         });
@@ -495,10 +512,14 @@ mod tests {
     fn errors_name_the_key() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[batch]\nmax_batch_sise = 4\n")?;
-            let err = Config::load(Some(Path::new("bad.toml")), &fixed_ids()).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("bad.toml")), &fixed_ids())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("max_batch_sise"), "{err}");
             jail.create_file("bad2.toml", "[batch]\nmax_batch_size = \"many\"\n")?;
-            let err = Config::load(Some(Path::new("bad2.toml")), &fixed_ids()).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("bad2.toml")), &fixed_ids())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("batch.max_batch_size"), "{err}");
             let mut sets = fixed_ids();
             sets.push(("batch.max_batch_size".into(), "0".into()));

@@ -27,7 +27,9 @@ use crate::batcher::{run_batcher, BatchStats, Pending};
 use crate::config::{normalize_kafka_key, Config, InputFormat};
 use crate::detection::ImageDetections;
 use crate::events::registry::{resolve_output_schema_id, InputDecoder, InputSchemas, SchemaRegistry};
-use crate::events::{codec, error_kinds, now_ms, DeadLetter, ModelRef, ProductAttributes, ProductImageEvent, StageTimings};
+use crate::events::{
+    codec, error_kinds, now_ms, DeadLetter, ModelRef, ProductAttributes, ProductImageEvent, StageTimings,
+};
 use crate::fetch::ImageFetcher;
 use crate::sink::{create_producer, OutputSink, SinkSettings};
 use crate::source::{spawn_consumer, ConsumerSettings, InputMessage};
@@ -128,8 +130,12 @@ pub fn input_schemas(config: &Config, registry: Option<Arc<SchemaRegistry>>) -> 
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
                         .with_context(|| format!("schemas.raw_writer_schema {} cannot be read", path.display()))?;
-                    apache_avro::Schema::parse_str(&text)
-                        .with_context(|| format!("schemas.raw_writer_schema {} is not a valid Avro schema", path.display()))?
+                    apache_avro::Schema::parse_str(&text).with_context(|| {
+                        format!(
+                            "schemas.raw_writer_schema {} is not a valid Avro schema",
+                            path.display()
+                        )
+                    })?
                 }
                 None => codec::product_image_event_schema().clone(),
             };
@@ -330,7 +336,10 @@ async fn process(ctx: Arc<Shared>, msg: InputMessage, batch_tx: mpsc::Sender<Pen
     };
     if let Err(mpsc::error::SendError(p)) = batch_tx.send(Pending { image, item: job }).await {
         // Only during teardown after a deadline: the message stays uncommitted and is redelivered.
-        tracing::debug!(offset = p.item.msg.position.offset, "batcher closed; message left for redelivery");
+        tracing::debug!(
+            offset = p.item.msg.position.offset,
+            "batcher closed; message left for redelivery"
+        );
     }
 }
 
@@ -410,8 +419,7 @@ async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImag
     if !ctx.sink.deliver_dead_letter(msg.position, &letter).await {
         return;
     }
-    *ctx
-        .dead_lettered
+    *ctx.dead_lettered
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .entry(kind.to_string())

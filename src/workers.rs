@@ -237,7 +237,9 @@ impl<T: Send + 'static> Worker<T> {
     fn build(&self) -> Result<Option<Box<dyn InferenceBackend>>> {
         let mut backend = (self.factory)(self.index)?;
         let warm = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
-        backend.infer(std::slice::from_ref(&warm)).context("warm-up inference failed")?;
+        backend
+            .infer(std::slice::from_ref(&warm))
+            .context("warm-up inference failed")?;
         Ok(Some(backend))
     }
 
@@ -304,7 +306,11 @@ fn guarded_infer(
     };
     match catch_unwind(AssertUnwindSafe(|| b.infer(images))) {
         Ok(Ok(d)) if d.len() == images.len() => Ok(d),
-        Ok(Ok(d)) => Err(format!("model returned {} results for {} images", d.len(), images.len())),
+        Ok(Ok(d)) => Err(format!(
+            "model returned {} results for {} images",
+            d.len(),
+            images.len()
+        )),
         Ok(Err(e)) => Err(format!("{e:#}")),
         Err(panic) => Err(format!("model panicked: {}", panic_message(&panic))),
     }

@@ -33,7 +33,10 @@ fn demo_prints_attribute_records_and_dead_letters() {
             .unwrap_or_else(|| panic!("no line for {product}:\n{stdout}"))
             .to_string()
     };
-    assert!(line("coffee").starts_with("attributes") && line("coffee").contains("cup"), "{stdout}");
+    assert!(
+        line("coffee").starts_with("attributes") && line("coffee").contains("cup"),
+        "{stdout}"
+    );
     assert!(line("chelsea").contains("cat"), "{stdout}");
     assert!(line("astronaut").contains("person"), "{stdout}");
     assert!(line("broken-upload").starts_with("dead letter") && line("broken-upload").contains("corrupt_image"));
@@ -41,7 +44,10 @@ fn demo_prints_attribute_records_and_dead_letters() {
     let records = std::fs::read_to_string(out.path().join("records.jsonl")).unwrap();
     assert_eq!(records.lines().count(), 6, "4 photos + 2 broken events");
     for product in ["coffee", "chelsea", "astronaut", "rocket"] {
-        assert!(out.path().join(format!("{product}.png")).exists(), "annotated {product}.png");
+        assert!(
+            out.path().join(format!("{product}.png")).exists(),
+            "annotated {product}.png"
+        );
     }
     assert!(stderr.contains("4 attribute records, 2 dead letters"), "{stderr}");
 }
@@ -71,8 +77,21 @@ fn tail_prints_records_as_json() {
         &[(b"p-1".to_vec(), frame(2, &encode_attributes(&record)))],
     );
     let result = Command::new(env!("CARGO_BIN_EXE_attrstream"))
-        .args(["tail", "--brokers", broker.bootstrap_servers(), "--topic", "attrs", "--max", "1"])
-        .args(["--set", "schemas.input_schema_id=1", "--set", "schemas.output_schema_id=2"])
+        .args([
+            "tail",
+            "--brokers",
+            broker.bootstrap_servers(),
+            "--topic",
+            "attrs",
+            "--max",
+            "1",
+        ])
+        .args([
+            "--set",
+            "schemas.input_schema_id=1",
+            "--set",
+            "schemas.output_schema_id=2",
+        ])
         .args(["--set", "schemas.dead_letter_schema_id=3", "--idle-exit-secs", "20"])
         .output()
         .expect("run attrstream tail");

@@ -39,9 +39,15 @@ fn nisshi_binary() -> PathBuf {
         return home;
     }
     let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|p| p.join("nisshi")).find(|p| p.exists()))
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("nisshi"))
+                .find(|p| p.exists())
+        })
         .unwrap_or_default();
-    found.unwrap_or_else(|| panic!("the nisshi broker is not installed: run `scripts/setup --test` (cargo install nisshi)"))
+    found.unwrap_or_else(|| {
+        panic!("the nisshi broker is not installed: run `scripts/setup --test` (cargo install nisshi)")
+    })
 }
 
 fn free_port() -> u16 {
@@ -59,8 +65,19 @@ impl Broker {
         let port = free_port();
         let listener = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(nisshi_binary())
-            .args(["broker", "--listener-url", &listener, "--advertised-listener-url", &listener])
-            .args(["--storage-engine", "memory://nisshi/", "--group-initial-rebalance-delay", "0s"])
+            .args([
+                "broker",
+                "--listener-url",
+                &listener,
+                "--advertised-listener-url",
+                &listener,
+            ])
+            .args([
+                "--storage-engine",
+                "memory://nisshi/",
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -85,7 +102,10 @@ impl Broker {
             .iter()
             .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
             .collect();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let results = rt
             .block_on(admin.create_topics(&new, &AdminOptions::new()))
             .expect("create topics");
@@ -130,7 +150,9 @@ devices = ["cpu"]
 shutdown_deadline = "30s"
 "#,
         samples = samples.display(),
-        weights = common::root().join("models/ssd_mobilenet_v2_coco.safetensors").display(),
+        weights = common::root()
+            .join("models/ssd_mobilenet_v2_coco.safetensors")
+            .display(),
     );
     let path = dir.join(format!("{group}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -207,14 +229,23 @@ fn publish(brokers: &str, n: usize, prefix: &str) -> HashMap<String, String> {
         let product = format!("{prefix}-{i}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_attrstream"));
         cmd.args(["publish", "--brokers", brokers, "--set", "schemas.input_schema_id=1"])
-            .args(["--set", "schemas.output_schema_id=2", "--set", "schemas.dead_letter_schema_id=3"])
+            .args([
+                "--set",
+                "schemas.output_schema_id=2",
+                "--set",
+                "schemas.dead_letter_schema_id=3",
+            ])
             .args(["--product-id", &product])
             .arg(samples.join(photos[i % photos.len()]));
         if i % 2 == 1 {
             cmd.arg("--uri");
         }
         let out = cmd.output().expect("attrstream publish");
-        assert!(out.status.success(), "publish failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "publish failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line: Value = serde_json::from_slice(&out.stdout).expect("publish prints JSON");
         ids.insert(product, line["event_id"].as_str().unwrap().to_string());
     }
@@ -227,10 +258,17 @@ fn read_independently(brokers: &str, count: usize, timeout_secs: u64) -> Vec<Val
         .arg(common::root().join("tests/reference/kafka_e2e_consume.py"))
         .args([brokers, &common::root().join("schemas").to_string_lossy()])
         .args([&count.to_string(), &timeout_secs.to_string()])
-        .args([format!("{OUT}=product_attributes.avsc"), format!("{DLQ}=dead_letter.avsc")])
+        .args([
+            format!("{OUT}=product_attributes.avsc"),
+            format!("{DLQ}=dead_letter.avsc"),
+        ])
         .output()
         .expect("run the Python reader");
-    assert!(out.status.success(), "reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "reader failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -246,7 +284,11 @@ fn wait_for_outputs(brokers: &str, partitions: i32, n: i64, within: Duration, se
         if total >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "only {total} of {n} outputs after {within:?}:\n{}", serve.log());
+        assert!(
+            Instant::now() < deadline,
+            "only {total} of {n} outputs after {within:?}:\n{}",
+            serve.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -267,7 +309,11 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
         metadata: Default::default(),
         event_time_ms: None,
     };
-    produce_raw(&broker.url, IN, &[(b"bad-url".to_vec(), frame(1, &encode_event(&bad_url)))]);
+    produce_raw(
+        &broker.url,
+        IN,
+        &[(b"bad-url".to_vec(), frame(1, &encode_event(&bad_url)))],
+    );
     ids.insert("bad-url".into(), "evt-bad-url".into());
 
     let first = Serve::start(&config);
@@ -290,12 +336,17 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
         let rec = &r["record"];
         if r["topic"] == OUT {
             assert_eq!(r["schema_id"], 2);
-            *produced.entry(rec["event_id"].as_str().unwrap().to_string()).or_default() += 1;
+            *produced
+                .entry(rec["event_id"].as_str().unwrap().to_string())
+                .or_default() += 1;
             assert_eq!(r["key"], rec["product_id"], "key = product id");
             assert_eq!(rec["model"]["name"], "ssd_mobilenet_v2_coco");
         } else {
             assert_eq!(r["schema_id"], 3);
-            dead.insert(r["key"].as_str().unwrap_or_default().to_string(), rec["error_kind"].as_str().unwrap().into());
+            dead.insert(
+                r["key"].as_str().unwrap_or_default().to_string(),
+                rec["error_kind"].as_str().unwrap().into(),
+            );
         }
     }
     for (product, event_id) in &ids {
@@ -324,7 +375,10 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
     };
     assert!(labels("kill-0").contains("cup"), "coffee.png: {:?}", labels("kill-0"));
     assert!(labels("kill-1").contains("cat"), "chelsea.png: {:?}", labels("kill-1"));
-    assert_eq!(committed_offsets(&broker.url, "e2e-kill", IN, 2), end_offsets(&broker.url, IN, 2));
+    assert_eq!(
+        committed_offsets(&broker.url, "e2e-kill", IN, 2),
+        end_offsets(&broker.url, IN, 2)
+    );
 }
 
 #[test]
@@ -342,11 +396,18 @@ fn two_serve_processes_split_the_partitions() {
     assert!(sa.success() && sb.success());
     let consumed = |log: &str| -> u64 {
         let line = log.lines().rev().find(|l| l.contains("stopped")).unwrap_or_default();
-        line.split("consumed=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0)
+        line.split("consumed=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     };
     assert!(consumed(&la) > 0 && consumed(&lb) > 0, "both got work:\n{la}\n{lb}");
     let records = read_independently(&broker.url, 24, 60);
-    let seen: HashSet<String> = records.iter().map(|r| r["record"]["event_id"].as_str().unwrap().to_string()).collect();
+    let seen: HashSet<String> = records
+        .iter()
+        .map(|r| r["record"]["event_id"].as_str().unwrap().to_string())
+        .collect();
     for event_id in ids.values() {
         assert!(seen.contains(event_id), "{event_id} missing");
     }

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use attrstream::config::Config;
 use attrstream::embedded_broker::EmbeddedBroker;
-use attrstream::events::codec::{decode_attributes, decode_dead_letter, encode_event, product_attributes_schema, dead_letter_schema};
+use attrstream::events::codec::{
+    dead_letter_schema, decode_attributes, decode_dead_letter, encode_event, product_attributes_schema,
+};
 use attrstream::events::wire::{frame, unframe};
-use attrstream::events::{ImageSource, ProductAttributes, ProductImageEvent, DeadLetter};
+use attrstream::events::{DeadLetter, ImageSource, ProductAttributes, ProductImageEvent};
 use attrstream::pipeline::{run, Inference, RunReport};
 use common::kafka::*;
 
@@ -131,7 +133,10 @@ fn every_event_gives_one_output_or_a_dead_letter_with_its_reason() {
 
     let mut good: Vec<(String, Vec<u8>)> = (0..8)
         .map(|i| {
-            let e = event(&format!("good-{i}"), ImageSource::Inline(png(20 + i, 16, [200, (i * 20) as u8, 30])));
+            let e = event(
+                &format!("good-{i}"),
+                ImageSource::Inline(png(20 + i, 16, [200, (i * 20) as u8, 30])),
+            );
             (e.product_id.clone(), framed(&e))
         })
         .collect();
@@ -143,8 +148,16 @@ fn every_event_gives_one_output_or_a_dead_letter_with_its_reason() {
         ("bad-framing", b"definitely not avro".to_vec(), "bad_framing"),
         ("bad-avro", frame(1, &[0x01]), "bad_avro"),
         ("unknown-schema", frame(99, &valid_body), "unknown_schema"),
-        ("empty-image", framed(&event("empty-image", ImageSource::Inline(vec![]))), "empty_image"),
-        ("corrupt-jpeg", framed(&event("corrupt-jpeg", ImageSource::Inline(corrupt_jpeg))), "corrupt_image"),
+        (
+            "empty-image",
+            framed(&event("empty-image", ImageSource::Inline(vec![]))),
+            "empty_image",
+        ),
+        (
+            "corrupt-jpeg",
+            framed(&event("corrupt-jpeg", ImageSource::Inline(corrupt_jpeg))),
+            "corrupt_image",
+        ),
         (
             "bomb",
             framed(&event("bomb", ImageSource::Inline(png_header_only(50_000, 50_000)))),
@@ -157,12 +170,18 @@ fn every_event_gives_one_output_or_a_dead_letter_with_its_reason() {
         ),
         (
             "loopback-url",
-            framed(&event("loopback-url", ImageSource::Uri("http://127.0.0.1:9/a.png".into()))),
+            framed(&event(
+                "loopback-url",
+                ImageSource::Uri("http://127.0.0.1:9/a.png".into()),
+            )),
             "blocked_address",
         ),
         (
             "metadata-url",
-            framed(&event("metadata-url", ImageSource::Uri("http://169.254.169.254/latest/".into()))),
+            framed(&event(
+                "metadata-url",
+                ImageSource::Uri("http://169.254.169.254/latest/".into()),
+            )),
             "blocked_address",
         ),
         (
@@ -250,21 +269,35 @@ fn restart_resumes_from_committed_offsets_without_loss_or_duplicates() {
     let partial = read_topics(&brokers, &[OUT], 10, Duration::from_secs(60));
     assert!(partial.len() >= 10);
     let report1 = first.stop();
-    assert!(report1.produced >= 10 && (report1.produced as usize) < 40, "stopped mid-stream: {report1:?}");
+    assert!(
+        report1.produced >= 10 && (report1.produced as usize) < 40,
+        "stopped mid-stream: {report1:?}"
+    );
     assert_eq!(report1.abandoned, 0, "graceful stop drains everything it took");
 
     produce_raw(&brokers, IN, &batch(40, 60));
-    let second = Running::start(config(&brokers, "g-restart"), fake_inference(2, Duration::from_millis(1)));
+    let second = Running::start(
+        config(&brokers, "g-restart"),
+        fake_inference(2, Duration::from_millis(1)),
+    );
     let all = read_topics(&brokers, &[OUT], 60, Duration::from_secs(60));
     let report2 = second.stop();
     // Read once more to see duplicates, if any arrived late.
-    let all = if all.len() == 60 { read_topics(&brokers, &[OUT], 1000, Duration::from_secs(2)) } else { all };
+    let all = if all.len() == 60 {
+        read_topics(&brokers, &[OUT], 1000, Duration::from_secs(2))
+    } else {
+        all
+    };
     let (outputs, _) = collect(&all);
     let ids: Vec<String> = outputs.iter().map(|o| o.event_id.clone()).collect();
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), 60, "every event processed");
     assert_eq!(ids.len(), 60, "no duplicates after a graceful restart");
-    assert_eq!(report1.consumed + report2.consumed, 60, "the second run started where the first committed");
+    assert_eq!(
+        report1.consumed + report2.consumed,
+        60,
+        "the second run started where the first committed"
+    );
     assert_all_committed(&brokers, "g-restart", 4);
 }
 
@@ -272,8 +305,14 @@ fn restart_resumes_from_committed_offsets_without_loss_or_duplicates() {
 fn two_instances_in_one_group_split_the_partitions() {
     let broker = EmbeddedBroker::start(1, &[(IN, 4), (OUT, 2), (DLQ, 1)]).unwrap();
     let brokers = broker.bootstrap_servers().to_string();
-    let a = Running::start(config(&brokers, "g-split"), fake_inference(1, Duration::from_millis(20)));
-    let b = Running::start(config(&brokers, "g-split"), fake_inference(1, Duration::from_millis(20)));
+    let a = Running::start(
+        config(&brokers, "g-split"),
+        fake_inference(1, Duration::from_millis(20)),
+    );
+    let b = Running::start(
+        config(&brokers, "g-split"),
+        fake_inference(1, Duration::from_millis(20)),
+    );
     // Let both join before the data arrives, so the split is visible.
     std::thread::sleep(Duration::from_secs(4));
     let records: Vec<(Vec<u8>, Vec<u8>)> = (0..80)
@@ -288,7 +327,10 @@ fn two_instances_in_one_group_split_the_partitions() {
     let (outputs, _) = collect(&read);
     let unique: HashSet<&str> = outputs.iter().map(|o| o.event_id.as_str()).collect();
     assert_eq!(unique.len(), 80, "together they processed every event");
-    assert!(ra.consumed > 0 && rb.consumed > 0, "both instances got partitions: {ra:?} {rb:?}");
+    assert!(
+        ra.consumed > 0 && rb.consumed > 0,
+        "both instances got partitions: {ra:?} {rb:?}"
+    );
     assert_all_committed(&brokers, "g-split", 4);
 }
 
@@ -319,12 +361,19 @@ fn overload_pauses_the_consumer_and_loses_nothing() {
 #[test]
 fn shutdown_with_nothing_to_do_is_prompt() {
     let broker = EmbeddedBroker::start(1, &[(IN, 1), (OUT, 1), (DLQ, 1)]).unwrap();
-    let running = Running::start(config(broker.bootstrap_servers(), "g-idle"), fake_inference(1, Duration::ZERO));
+    let running = Running::start(
+        config(broker.bootstrap_servers(), "g-idle"),
+        fake_inference(1, Duration::ZERO),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
     let report = running.stop();
     assert_eq!(report.consumed, 0);
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// A local HTTP server: /ok.png (a photo), /missing (404), /slow (answers after 3 s).
@@ -334,7 +383,10 @@ fn image_server() -> (String, std::thread::JoinHandle<()>) {
     listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let handle = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let app = axum::Router::new()
                 .route("/ok.png", get(|| async { png(24, 18, [0, 128, 0]) }))
@@ -365,7 +417,12 @@ fn http_images_are_fetched_and_404_and_timeouts_are_dead_lettered() {
     ];
     let records: Vec<(Vec<u8>, Vec<u8>)> = cases
         .iter()
-        .map(|(id, uri)| (id.as_bytes().to_vec(), framed(&event(id, ImageSource::Uri(uri.clone())))))
+        .map(|(id, uri)| {
+            (
+                id.as_bytes().to_vec(),
+                framed(&event(id, ImageSource::Uri(uri.clone()))),
+            )
+        })
         .collect();
     produce_raw(&brokers, IN, &records);
     let mut cfg = config(&brokers, "g-http");
@@ -378,7 +435,87 @@ fn http_images_are_fetched_and_404_and_timeouts_are_dead_lettered() {
     ok.sort_unstable();
     assert_eq!(ok, vec!["http-after", "http-ok"]);
     assert!(outputs.iter().all(|o| (o.image_width, o.image_height) == (24, 18)));
-    assert_eq!(dead["http-404"].error_kind, "missing_image", "{}", dead["http-404"].error_message);
-    assert_eq!(dead["http-timeout"].error_kind, "fetch_timeout", "{}", dead["http-timeout"].error_message);
+    assert_eq!(
+        dead["http-404"].error_kind, "missing_image",
+        "{}",
+        dead["http-404"].error_message
+    );
+    assert_eq!(
+        dead["http-timeout"].error_kind, "fetch_timeout",
+        "{}",
+        dead["http-timeout"].error_message
+    );
     assert_all_committed(&brokers, "g-http", 1);
+}
+
+#[test]
+fn schema_ids_come_from_the_registry_and_output_schemas_are_registered() {
+    use attrstream::events::codec::{
+        dead_letter_schema_json, product_attributes_schema_json, product_image_event_schema_json,
+    };
+    let registry = common::registry::TestRegistry::start();
+    let input_id = registry.insert_schema(product_image_event_schema_json(), None);
+    let broker = EmbeddedBroker::start(1, &[(IN, 1), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let good = event("reg-good", ImageSource::Inline(png(9, 9, [5, 5, 5])));
+    let records = vec![
+        (b"reg-good".to_vec(), frame(input_id, &encode_event(&good))),
+        (b"reg-unknown".to_vec(), frame(input_id + 1000, &encode_event(&good))),
+    ];
+    produce_raw(&brokers, IN, &records);
+    let mut cfg = config(&brokers, "g-registry");
+    cfg.schemas.registry_url = Some(registry.url.clone());
+    cfg.schemas.input_schema_id = None;
+    cfg.schemas.output_schema_id = None;
+    cfg.schemas.dead_letter_schema_id = None;
+    cfg.validate().unwrap();
+    let running = Running::start(cfg, fake_inference(1, Duration::ZERO));
+    let read = read_topics(&brokers, &[OUT, DLQ], 2, Duration::from_secs(30));
+    running.stop();
+    assert_eq!(read.len(), 2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client =
+        attrstream::events::registry::SchemaRegistry::new(&registry.url, None, Duration::from_secs(5)).unwrap();
+    let out_id = rt
+        .block_on(client.lookup(&format!("{OUT}-value"), product_attributes_schema_json()))
+        .unwrap()
+        .expect("output schema registered under <topic>-value");
+    let dlq_id = rt
+        .block_on(client.lookup(&format!("{DLQ}-value"), dead_letter_schema_json()))
+        .unwrap()
+        .expect("dead-letter schema registered");
+    for r in &read {
+        let (id, body) = unframe(&r.value).unwrap();
+        if r.topic == OUT {
+            assert_eq!(id, out_id);
+            let record = decode_attributes(body, product_attributes_schema()).unwrap();
+            assert_eq!(record.event_id, "evt-reg-good");
+        } else {
+            assert_eq!(id, dlq_id);
+            let letter = decode_dead_letter(body, dead_letter_schema()).unwrap();
+            assert_eq!(letter.error_kind, "unknown_schema", "{}", letter.error_message);
+        }
+    }
+}
+
+#[test]
+fn raw_avro_input_with_a_configured_writer_schema() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 1), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let e = event("raw-1", ImageSource::Inline(png(7, 5, [9, 9, 9])));
+    produce_raw(&brokers, IN, &[(b"raw-1".to_vec(), encode_event(&e))]);
+    let mut cfg = config(&brokers, "g-raw");
+    cfg.schemas.input_format = attrstream::config::InputFormat::Raw;
+    cfg.schemas.input_schema_id = None;
+    cfg.validate().unwrap();
+    let running = Running::start(cfg, fake_inference(1, Duration::ZERO));
+    let read = read_topics(&brokers, &[OUT, DLQ], 1, Duration::from_secs(30));
+    running.stop();
+    let (outputs, dead) = collect(&read);
+    assert!(dead.is_empty(), "{dead:?}");
+    assert_eq!(outputs[0].event_id, "evt-raw-1");
+    assert_eq!((outputs[0].image_width, outputs[0].image_height), (7, 5));
 }

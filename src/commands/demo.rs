@@ -107,7 +107,10 @@ fn demo_images(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             matches!(
-                p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_ascii_lowercase)
+                    .as_deref(),
                 Some("png" | "jpg" | "jpeg" | "webp")
             )
         })
@@ -146,7 +149,9 @@ fn demo_events(
     let mut events = Vec::new();
     let mut sources = HashMap::new();
     for (i, path) in images.iter().enumerate() {
-        let in_root = std::fs::canonicalize(path).map(|p| p.starts_with(file_root)).unwrap_or(false);
+        let in_root = std::fs::canonicalize(path)
+            .map(|p| p.starts_with(file_root))
+            .unwrap_or(false);
         let event = event_for_image(path, in_root && i % 2 == 1, None)?;
         sources.insert(event.product_id.clone(), path.clone());
         events.push(event);
@@ -224,7 +229,18 @@ fn summary(r: &ProductAttributes) -> String {
         .attributes
         .labels
         .iter()
-        .map(|l| format!("{} {:.2}{}", l.label, l.max_score, if l.count > 1 { format!(" ×{}", l.count) } else { String::new() }))
+        .map(|l| {
+            format!(
+                "{} {:.2}{}",
+                l.label,
+                l.max_score,
+                if l.count > 1 {
+                    format!(" ×{}", l.count)
+                } else {
+                    String::new()
+                }
+            )
+        })
         .collect();
     let main = r.attributes.main_object.as_ref().map(|m| {
         let colours: Vec<&str> = r
@@ -241,7 +257,11 @@ fn summary(r: &ProductAttributes) -> String {
         r.product_id,
         r.image_width,
         r.image_height,
-        if labels.is_empty() { "(nothing detected)".to_string() } else { labels.join(", ") },
+        if labels.is_empty() {
+            "(nothing detected)".to_string()
+        } else {
+            labels.join(", ")
+        },
         main.unwrap_or_default(),
         r.timings.total_ms
     )

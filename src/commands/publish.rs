@@ -31,7 +31,10 @@ pub fn run(args: PublishArgs) -> Result<ExitCode> {
         let framing = input_framing(&config, &topic).await?;
         publish_events(&producer, &topic, framing, &events).await?;
         for e in &events {
-            println!("{}", serde_json::json!({"topic": topic, "event_id": e.event_id, "product_id": e.product_id}));
+            println!(
+                "{}",
+                serde_json::json!({"topic": topic, "event_id": e.event_id, "product_id": e.product_id})
+            );
         }
         Ok::<_, anyhow::Error>(())
     })?;
@@ -49,8 +52,16 @@ pub fn event_for_image(path: &Path, as_uri: bool, product_id: Option<&str>) -> R
     } else {
         ImageSource::Inline(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
     };
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let content_type = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let content_type = match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("png") => Some("image/png".to_string()),
         Some("jpg" | "jpeg") => Some("image/jpeg".to_string()),
         Some("webp") => Some("image/webp".to_string()),
@@ -99,7 +110,9 @@ pub async fn publish_events(
         async move {
             producer
                 .send(
-                    FutureRecord::to(topic).key(event.product_id.as_bytes()).payload(&payload),
+                    FutureRecord::to(topic)
+                        .key(event.product_id.as_bytes())
+                        .payload(&payload),
                     Timeout::After(Duration::from_secs(30)),
                 )
                 .await

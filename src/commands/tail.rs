@@ -40,7 +40,9 @@ pub fn run(args: TailArgs) -> Result<ExitCode> {
     let mut printed = 0u64;
     runtime()?.block_on(async {
         let consumer: StreamConsumer = client.create().context("cannot create the Kafka consumer")?;
-        consumer.subscribe(&[&topic]).with_context(|| format!("cannot subscribe to {topic}"))?;
+        consumer
+            .subscribe(&[&topic])
+            .with_context(|| format!("cannot subscribe to {topic}"))?;
         loop {
             if args.max.is_some_and(|m| printed >= m) {
                 break;

@@ -141,7 +141,10 @@ impl ConsumerContext for TrackingContext {
             );
         }
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            if !matches!(e, KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+            if !matches!(
+                e,
+                KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
+            ) {
                 tracing::warn!(error = %e, "commit on revoke failed; uncommitted work will be redelivered");
             }
         }
@@ -324,7 +327,10 @@ fn poll_loop(
         }
         if Instant::now() >= deadline {
             report.abandoned = in_flight;
-            tracing::warn!(in_flight, "shutdown deadline passed; unfinished messages will be redelivered");
+            tracing::warn!(
+                in_flight,
+                "shutdown deadline passed; unfinished messages will be redelivered"
+            );
             break;
         }
         let _ = consumer.poll(Duration::from_millis(20));
