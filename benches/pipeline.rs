@@ -28,7 +28,8 @@
 //! `BENCH_LATENCY_SECS` (default 20), `BENCH_CEILING_EVENTS` (default 100,000),
 //! `BENCH_CEILING_PARTITIONS` (default 8), `BENCH_CEILING_BATCH` (default 64),
 //! `BENCH_CEILING_IN_FLIGHT` (default 8192), `BENCH_DECODE_THREADS` (default 0 = one per
-//! core), `BENCH_PHASES` (default `throughput,latency,ceiling`). Needs the SSD model that
+//! core), `BENCH_PHASES` (default `throughput,latency,ceiling`; add `breakdown` for each
+//! stage of the ceiling measured alone). Needs the SSD model that
 //! `scripts/setup` converts (or Faster R-CNN weights), no Python.
 //!
 //! The mock broker answers an empty fetch only after the consumer's `fetch.wait.max.ms`

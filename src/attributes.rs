@@ -501,7 +501,8 @@ fn lloyd(points: &Points, centres: &mut [[f32; 3]], max_iterations: usize) -> (u
                 *best = best.min(d);
             }
         }
-        // Update: sums in f64 (exact for the sample counts used), in point order.
+        // Update: sums in f64 and in point order (deterministic; a cluster of identical
+        // colours gets exactly that colour back).
         let mut sums = vec![[0f64; 3]; centres.len()];
         counts.fill(0);
         for i in 0..n {
@@ -720,9 +721,10 @@ pub fn ciede2000(lab1: [f32; 3], lab2: [f32; 3]) -> f32 {
 /// Values start from the web colours of the same names, moved where nearest-neighbour
 /// naming of photographed products needed it (checked on a list of everyday shades: sky
 /// blue, denim, charcoal, camel, burgundy, coral, mint, …): `blue` is a royal blue rather
-/// than the violet-leaning pure primary, `orange` is web "dark orange", and `light blue`,
-/// `light green` and `charcoal` exist because without them pale blues became `silver`,
-/// bright greens `khaki` and blue-greys `blue`.
+/// than the violet-leaning pure primary, `navy` the colour of navy cloth rather than pure
+/// dark blue, `orange` is web "dark orange", and `light blue`, `light green` and
+/// `charcoal` exist because without them pale blues became `silver`, bright greens `khaki`
+/// and blue-greys `blue`.
 pub const PALETTE: [(&str, [u8; 3]); 27] = [
     ("black", [0, 0, 0]),
     ("white", [255, 255, 255]),
@@ -742,7 +744,7 @@ pub const PALETTE: [(&str, [u8; 3]); 27] = [
     ("light green", [144, 238, 144]),
     ("teal", [0, 128, 128]),
     ("cyan", [0, 255, 255]),
-    ("navy", [0, 0, 128]),
+    ("navy", [20, 30, 100]),
     ("blue", [30, 80, 220]),
     ("light blue", [150, 200, 235]),
     ("purple", [128, 0, 128]),
@@ -923,6 +925,7 @@ mod tests {
             ([34, 139, 34], "green"),
             ([255, 182, 193], "pink"),
             ([80, 50, 30], "brown"),
+            ([40, 53, 83], "navy"), // night sky
         ] {
             assert_eq!(colour_name(srgb_to_lab(rgb)), name, "{rgb:?}");
         }

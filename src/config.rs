@@ -410,6 +410,10 @@ impl Config {
         for spec in &self.model.devices {
             crate::device::parse_device(spec).with_context(|| format!("model.devices entry `{spec}`"))?;
         }
+        self.attributes
+            .validate()
+            .map_err(anyhow::Error::msg)?;
+        self.fetch.validate()?;
         let s = &self.schemas;
         if s.registry_url.is_none() {
             if s.input_format == InputFormat::Confluent && s.input_schema_id.is_none() {
