@@ -669,7 +669,7 @@ impl BareDetector {
     }
 
     /// Every worker runs `rounds` batches at the same time; returns images, seconds and the
-    /// seconds of each batch, sorted.
+    /// seconds of each batch.
     fn run(&self, rounds: usize) -> Result<(usize, f64, Vec<f64>)> {
         for c in &self.commands {
             c.send(rounds).context("bare detector thread gone")?;
@@ -692,7 +692,6 @@ impl BareDetector {
             (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
             _ => 0.0,
         };
-        batches.sort_by(f64::total_cmp);
         Ok((images, secs, batches))
     }
 }
@@ -732,10 +731,8 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
     let rounds = m.div_ceil(2 * settings.batch * workers).max(2);
     let (n1, s1, b1) = bare.run(rounds)?;
     eprintln!(
-        "  bare detector, first half: {n1} images in {s1:.2} s ({:.2} imgs/s; per batch min {:.3} s, median {:.3} s)",
+        "  bare detector, first half: {n1} images in {s1:.2} s ({:.2} imgs/s; seconds per batch {b1:.3?})",
         n1 as f64 / s1,
-        b1[0],
-        percentile(&b1, 50.0)
     );
 
     eprintln!("phase 1: publishing {m} photo events over {partitions} partitions");
@@ -769,13 +766,12 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
     let skip = (m / 10).max(2 * settings.batch * workers);
     let pipeline = steady_throughput(&arrivals, skip, 4 * settings.batch * workers)?;
     let inside = inside_figures(&arrivals)?;
+    eprintln!("  pipeline batches (images, seconds): {:.3?}", inside.sizes);
 
     let (n2, s2, b2) = bare.run(rounds)?;
     eprintln!(
-        "  bare detector, second half: {n2} images in {s2:.2} s ({:.2} imgs/s; per batch min {:.3} s, median {:.3} s)",
+        "  bare detector, second half: {n2} images in {s2:.2} s ({:.2} imgs/s; seconds per batch {b2:.3?})",
         n2 as f64 / s2,
-        b2[0],
-        percentile(&b2, 50.0)
     );
     drop(bare);
     Ok(ThroughputResult {
@@ -1057,7 +1053,7 @@ fn cpu_by_thread(before: &BTreeMap<u32, (String, f64)>, after: &BTreeMap<u32, (S
 }
 
 /// Per-batch facts from output records: records of one batch share `inference_ms`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct InsideFigures {
     /// Distinct batches seen.
     batches: usize,
@@ -1071,18 +1067,23 @@ struct InsideFigures {
     batch_wait_ms: f64,
     /// Mean consumer-to-emit ms per record.
     total_ms: f64,
+    /// (images, inference seconds) of each batch, in the order of their first record.
+    sizes: Vec<(usize, f64)>,
 }
 
 /// Batch sizes, model time and stage timings from the output records.
 fn inside_figures(arrivals: &[Arrival]) -> Result<InsideFigures> {
     let mut batches: BTreeMap<u64, (usize, f64)> = BTreeMap::new();
+    let mut order: Vec<u64> = Vec::new();
     let mut f = InsideFigures::default();
     let mut n = 0usize;
     for a in arrivals.iter().filter(|a| !a.dead) {
         let r = a.attributes()?;
-        let entry = batches
-            .entry(r.timings.inference_ms.to_bits())
-            .or_insert((0, r.timings.inference_ms));
+        let id = r.timings.inference_ms.to_bits();
+        let entry = batches.entry(id).or_insert_with(|| {
+            order.push(id);
+            (0, r.timings.inference_ms)
+        });
         entry.0 += 1;
         f.decode_ms += r.timings.decode_ms;
         f.batch_wait_ms += r.timings.batch_wait_ms;
@@ -1096,6 +1097,7 @@ fn inside_figures(arrivals: &[Arrival]) -> Result<InsideFigures> {
     f.batches = batches.len();
     f.images = batches.values().map(|(c, _)| c).sum();
     f.inference_secs = batches.values().map(|(_, ms)| ms / 1000.0).sum();
+    f.sizes = order.iter().map(|id| (batches[id].0, batches[id].1 / 1000.0)).collect();
     Ok(f)
 }
 
