@@ -410,9 +410,7 @@ impl Config {
         for spec in &self.model.devices {
             crate::device::parse_device(spec).with_context(|| format!("model.devices entry `{spec}`"))?;
         }
-        self.attributes
-            .validate()
-            .map_err(anyhow::Error::msg)?;
+        self.attributes.validate().map_err(anyhow::Error::msg)?;
         self.fetch.validate()?;
         let s = &self.schemas;
         if s.registry_url.is_none() {
