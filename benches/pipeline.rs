@@ -3,10 +3,11 @@
 //! 1. **Throughput against the bare detector.** The sample photos are published inline as M
 //!    Confluent-framed events before the service starts; the service (`pipeline::run` with
 //!    the same worker factory `serve` uses) works off that backlog, and a reader consumer
-//!    timestamps each output record as it arrives. The bare detector is the same factory's
-//!    backend on the same devices and threads, timed on batches of the same decoded photos
-//!    at `batch.max_batch_size`, half before and half after the pipeline run. Printed:
-//!    both imgs/s and pipeline ÷ bare (goal ≥ 0.95).
+//!    timestamps each output record as it arrives. The bare detector is the service's own
+//!    worker pool with the same factory (same devices, threads and warm-up), fed batches of
+//!    the same photos, already decoded, at `batch.max_batch_size`; half of its batches run
+//!    before and half after the pipeline, each half on a replica of its own that is stopped
+//!    before anything else runs. Printed: both imgs/s and pipeline ÷ bare (goal ≥ 0.95).
 //! 2. **The pipeline's own ceiling.** Tiny inline PNGs and an identity inference step that
 //!    lives only in this file: everything but the model, in msgs/s (goal ≥ 20,000 on 2
 //!    cores).
@@ -15,10 +16,16 @@
 //!    time; latency is the output record's arrival at the reader minus that send time
 //!    (same clock, same process). Printed: p50, p99, max and the count.
 //!
-//! Throughput is measured in the steady state: from the moment the batch holding the
-//! K-th output record (K = 10% of M, at least 2 batches) has been read back, to the last
-//! record, counting the records read in between. That excludes model loading, the group
-//! join and the first, cold batches on both sides of the comparison.
+//! The pipeline's throughput is measured in the steady state: from the moment the batch
+//! holding the K-th output record (K = 10% of M, at least 2 batches) has been read back, to
+//! the last record, counting the records read in between. That excludes model loading, the
+//! group join and the first, cold batches (the bare detector is warmed up before timing).
+//! Under the table come what the output records say (batches, model time inside the
+//! pipeline, stage timings) and, for the ceiling, the CPU the process used by thread.
+//!
+//! libtorch's CPU speed depends on other work on the cores (libgomp spins between parallel
+//! regions unless `OMP_WAIT_POLICY=passive`), so the machine's load average and CPU pressure
+//! are printed with the figures.
 //!
 //! Run: `scripts/bench-pipeline` (or `cargo bench --bench pipeline`). Environment:
 //! `BENCH_DEVICES` (default `cpu`; e.g. `cuda:0,cuda:0` for two workers on one GPU),
@@ -27,7 +34,7 @@
 //! (default 8, the service default), `BENCH_MAX_WAIT_MS` (default 10),
 //! `BENCH_LATENCY_SECS` (default 20), `BENCH_CEILING_EVENTS` (default 100,000),
 //! `BENCH_CEILING_PARTITIONS` (default 8), `BENCH_CEILING_BATCH` (default 64),
-//! `BENCH_CEILING_IN_FLIGHT` (default 8192), `BENCH_DECODE_THREADS` (default 0 = one per
+//! `BENCH_CEILING_IN_FLIGHT` (default 32768, see below), `BENCH_DECODE_THREADS` (default 0 = one per
 //! core), `BENCH_PHASES` (default `throughput,latency,ceiling`; add `breakdown` for each
 //! stage of the ceiling measured alone). Needs the SSD model that
 //! `scripts/setup` converts (or Faster R-CNN weights), no Python.
@@ -36,12 +43,17 @@
 //! (500 ms by default) even when data arrives meanwhile, which a real broker does not; the
 //! service's consumer and the reader therefore run with `fetch.wait.max.ms = 10`.
 //!
+//! The ceiling runs with `pipeline.max_in_flight` 32768: at lower limits the consumer's
+//! backpressure bounds it instead of the pipeline's work (it pauses its partitions at the
+//! limit, and fetching resumes only about 0.9 s after the pause, so the rate is about
+//! `max_in_flight` per second; `BENCH_PHASES=breakdown` measures that delay alone).
+//!
 //! Exits 1 when records are missing, dead-lettered or a phase fails or times out.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +92,8 @@ const OUTPUT_SCHEMA_ID: u32 = 2;
 const DEAD_LETTER_SCHEMA_ID: u32 = 3;
 /// Metadata key carrying the send time (µs since the epoch) of latency-phase events.
 const SENT_US: &str = "bench_sent_us";
+/// The phases `BENCH_PHASES` may name.
+const PHASES: [&str; 4] = ["throughput", "latency", "ceiling", "breakdown"];
 /// Input bytes per partition kept below this, far from the mock broker's 5 MiB per partition.
 const BYTES_PER_PARTITION: usize = 2 << 20;
 /// The mock broker's wait on an empty fetch, lowered from librdkafka's 500 ms (see the top).
@@ -140,7 +154,7 @@ impl Settings {
             ceiling_events: common::env_or("BENCH_CEILING_EVENTS", 100_000).max(100),
             ceiling_partitions: common::env_or("BENCH_CEILING_PARTITIONS", 8).max(1) as i32,
             ceiling_batch: common::env_or("BENCH_CEILING_BATCH", 64).max(1),
-            ceiling_in_flight: common::env_or("BENCH_CEILING_IN_FLIGHT", 8192).max(1),
+            ceiling_in_flight: common::env_or("BENCH_CEILING_IN_FLIGHT", 32768).max(1),
             decode_threads: common::env_or("BENCH_DECODE_THREADS", 0),
             phases,
         }
@@ -160,10 +174,15 @@ impl Settings {
         (available_cores() / cpu_workers).max(1)
     }
 
-    /// The `BENCH_*` variables that were set, as a command prefix.
+    /// The `BENCH_*`, `ATTRSTREAM_*__*` and OpenMP variables that were set, as a command prefix.
     fn command(&self) -> String {
         let mut set: Vec<String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("BENCH_"))
+            .filter(|(k, _)| {
+                k.starts_with("BENCH_")
+                    || (k.starts_with("ATTRSTREAM_") && k.contains("__"))
+                    || k.starts_with("OMP_")
+                    || k.starts_with("GOMP_")
+            })
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         set.sort();
@@ -175,7 +194,14 @@ impl Settings {
 /// The service configuration every phase starts from: the in-process broker, fixed schema
 /// ids, the devices and batching of `settings`.
 fn base_config(brokers: &str, settings: &Settings) -> Result<Config> {
-    let mut c = Config::default();
+    // The service's own layering, so `ATTRSTREAM_*__*` variables reach every knob not set below.
+    let ids = [
+        ("schemas.input_schema_id", INPUT_SCHEMA_ID),
+        ("schemas.output_schema_id", OUTPUT_SCHEMA_ID),
+        ("schemas.dead_letter_schema_id", DEAD_LETTER_SCHEMA_ID),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let mut c = Config::load(None, &ids).context("configuration from ATTRSTREAM_* variables")?;
     c.kafka.bootstrap_servers = brokers.to_string();
     c.kafka.group_id = "attrstream-bench".into();
     c.kafka.input_topic = IN.into();
@@ -183,10 +209,10 @@ fn base_config(brokers: &str, settings: &Settings) -> Result<Config> {
     c.kafka.dead_letter_topic = DLQ.into();
     c.kafka
         .consumer_options
-        .insert("fetch.wait.max.ms".into(), FETCH_WAIT_MS.into());
-    c.schemas.input_schema_id = Some(INPUT_SCHEMA_ID);
-    c.schemas.output_schema_id = Some(OUTPUT_SCHEMA_ID);
-    c.schemas.dead_letter_schema_id = Some(DEAD_LETTER_SCHEMA_ID);
+        .entry("fetch_wait_max_ms".into())
+        .or_insert_with(|| FETCH_WAIT_MS.into());
+    c.schemas.registry_url = None;
+    c.schemas.input_format = attrstream::config::InputFormat::Confluent;
     c.model.devices = settings.devices.clone();
     c.model.threads_per_worker = settings.threads;
     c.batch.max_batch_size = settings.batch;
@@ -565,7 +591,11 @@ impl Photos {
     fn load() -> Result<Self> {
         let mut encoded = Vec::new();
         let mut decoded = Vec::new();
-        for path in common::sample_paths() {
+        let paths: Vec<std::path::PathBuf> = common::sample_paths()
+            .iter()
+            .map(|p| std::path::Path::new("assets/samples").join(p.file_name().unwrap_or_default()))
+            .collect();
+        for path in paths {
             let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             decoded.push(
                 decode_image(&bytes, DEFAULT_MAX_PIXELS).with_context(|| format!("decoding {}", path.display()))?,
@@ -586,113 +616,100 @@ impl Photos {
     }
 }
 
-/// One bare-detector worker's timed run: images, start, end, seconds of each batch.
-type BareRun = (usize, Instant, Instant, Vec<f64>);
-
-/// The bare detector: each configured worker's backend on its own thread (as the service
-/// builds it), waiting for "run N batches" commands.
+/// The bare detector: the service's own worker pool (`workers::WorkerPool`, one thread per
+/// configured device, each building its backend with the factory `serve` uses and warming it
+/// up as the service does), fed batches of already-decoded photos as fast as it takes them.
+/// No Kafka, no decoding, no colours: only what the model costs.
 struct BareDetector {
-    /// One command channel per worker: batches to run.
-    commands: Vec<mpsc::Sender<usize>>,
-    /// (images, start, end, seconds per batch) per worker and command.
-    results: mpsc::Receiver<Result<BareRun>>,
+    /// The async runtime that dispatches batches (the pool's API is async).
+    rt: tokio::runtime::Runtime,
+    /// The workers.
+    pool: Arc<attrstream::workers::WorkerPool<usize>>,
+    /// Finished batches.
+    results: tokio::sync::mpsc::UnboundedReceiver<attrstream::workers::WorkResult<usize>>,
+    /// The batches to cycle through (every photo in turn).
+    batches: Vec<Vec<RgbImage>>,
 }
 
 impl BareDetector {
-    /// Builds every worker's backend with `inference.factory` on its own thread and warms it
-    /// up with two batches of `batch` photos.
-    fn start(inference: &Inference, photos: &Arc<Vec<RgbImage>>, batch: usize) -> Result<Self> {
-        let barrier = Arc::new(Barrier::new(inference.workers));
-        let (results_tx, results) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
-        let mut commands = Vec::new();
-        for index in 0..inference.workers {
-            let (tx, rx) = mpsc::channel::<usize>();
-            commands.push(tx);
-            let factory: BackendFactory = inference.factory.clone();
-            let photos = photos.clone();
-            let barrier = barrier.clone();
-            let results_tx = results_tx.clone();
-            let ready_tx = ready_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("bench-bare-{index}"))
-                .spawn(move || {
-                    let batches: Vec<Vec<RgbImage>> = (0..photos.len())
-                        .map(|offset| {
-                            (0..batch)
-                                .map(|j| photos[(offset + j) % photos.len()].clone())
-                                .collect()
-                        })
-                        .collect();
-                    let mut backend = match factory(index) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.context(format!("bare detector {index}: loading"))));
-                            return;
-                        }
-                    };
-                    for b in batches.iter().take(2) {
-                        if let Err(e) = backend.infer(b) {
-                            let _ = ready_tx.send(Err(e.context(format!("bare detector {index}: warm-up"))));
-                            return;
-                        }
-                    }
-                    let _ = ready_tx.send(Ok(()));
-                    while let Ok(rounds) = rx.recv() {
-                        barrier.wait();
-                        let start = Instant::now();
-                        let mut images = 0;
-                        let mut result = Ok(());
-                        let mut per_batch = Vec::with_capacity(rounds);
-                        for r in 0..rounds {
-                            let b = &batches[(index + r) % batches.len()];
-                            let t = Instant::now();
-                            if let Err(e) = backend.infer(b) {
-                                result = Err(e);
-                                break;
-                            }
-                            per_batch.push(t.elapsed().as_secs_f64());
-                            images += b.len();
-                        }
-                        let _ = results_tx.send(result.map(|()| (images, start, Instant::now(), per_batch)));
-                    }
-                })
-                .context("cannot start a bare-detector thread")?;
-        }
-        drop(ready_tx);
-        for _ in 0..inference.workers {
-            ready_rx
-                .recv_timeout(Duration::from_secs(600))
-                .map_err(|_| anyhow::anyhow!("bare detector: not ready within 600 s"))??;
-        }
-        Ok(Self { commands, results })
+    /// Starts the workers and runs two batches per worker to warm them up.
+    fn start(inference: &Inference, photos: &[RgbImage], batch: usize) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (tx, results) = tokio::sync::mpsc::unbounded_channel();
+        let pool = Arc::new(attrstream::workers::WorkerPool::start(
+            inference.workers,
+            inference.factory.clone(),
+            0,
+            tx,
+        )?);
+        let batches = (0..photos.len())
+            .map(|offset| {
+                (0..batch)
+                    .map(|j| photos[(offset + j) % photos.len()].clone())
+                    .collect()
+            })
+            .collect();
+        let mut bare = Self {
+            rt,
+            pool,
+            results,
+            batches,
+        };
+        bare.run(2 * inference.workers)?;
+        Ok(bare)
     }
 
-    /// Every worker runs `rounds` batches at the same time; returns images, seconds and the
-    /// seconds of each batch.
-    fn run(&self, rounds: usize) -> Result<(usize, f64, Vec<f64>)> {
-        for c in &self.commands {
-            c.send(rounds).context("bare detector thread gone")?;
+    /// Runs `count` batches through the pool, keeping every worker's queue full; returns the
+    /// images and seconds from the first dispatch to the last result, and each batch's
+    /// inference seconds.
+    fn run(&mut self, count: usize) -> Result<(usize, f64, Vec<f64>)> {
+        let pool = self.pool.clone();
+        let batches: Vec<Vec<RgbImage>> = (0..count)
+            .map(|i| self.batches[i % self.batches.len()].clone())
+            .collect();
+        let results = &mut self.results;
+        self.rt.block_on(async move {
+            let started = Instant::now();
+            let feeder = tokio::spawn(async move {
+                for (i, images) in batches.into_iter().enumerate() {
+                    let items = vec![i; images.len()];
+                    pool.dispatch(attrstream::workers::WorkBatch {
+                        images,
+                        items,
+                        closed_at: Instant::now(),
+                    })
+                    .await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            });
+            let mut images = 0;
+            let mut per_batch = Vec::with_capacity(count);
+            for _ in 0..count {
+                let done = tokio::time::timeout(Duration::from_secs(1800), results.recv())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("bare detector: no result within 30 min"))?
+                    .context("bare detector: the workers stopped")?;
+                if let Some(Err(e)) = done.results.iter().find(|r| r.is_err()) {
+                    bail!("bare detector: inference failed: {e}");
+                }
+                images += done.images.len();
+                per_batch.push(done.inference.as_secs_f64());
+            }
+            feeder.await.context("bare detector feeder")??;
+            Ok((images, started.elapsed().as_secs_f64(), per_batch))
+        })
+    }
+
+    /// Stops the workers and waits for their threads to end. Nothing of the bare detector
+    /// may outlive its half: libgomp spins less while more OpenMP threads exist than cores,
+    /// so an idle replica would change how the pipeline's replica runs.
+    fn stop(self) {
+        let Self { rt, pool, results, .. } = self;
+        drop(results);
+        if let Ok(pool) = Arc::try_unwrap(pool) {
+            pool.shutdown();
         }
-        let mut images = 0;
-        let mut first: Option<Instant> = None;
-        let mut last: Option<Instant> = None;
-        let mut batches = Vec::new();
-        for _ in &self.commands {
-            let (n, start, end, per_batch) = self
-                .results
-                .recv_timeout(Duration::from_secs(1800))
-                .map_err(|_| anyhow::anyhow!("bare detector: no result within 30 min"))??;
-            images += n;
-            batches.extend(per_batch);
-            first = Some(first.map_or(start, |f| f.min(start)));
-            last = Some(last.map_or(end, |l| l.max(end)));
-        }
-        let secs = match (first, last) {
-            (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
-            _ => 0.0,
-        };
-        Ok((images, secs, batches))
+        drop(rt);
     }
 }
 
@@ -726,10 +743,11 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
         "phase 1: loading the bare detector ({workers} worker(s), batch {})",
         settings.batch
     );
-    let decoded = Arc::new(photos.decoded.clone());
-    let bare = BareDetector::start(&inference, &decoded, settings.batch)?;
-    let rounds = m.div_ceil(2 * settings.batch * workers).max(2);
+    let mut bare = BareDetector::start(&inference, &photos.decoded, settings.batch)?;
+    // Each half loads its own replica and stops it afterwards (see `BareDetector::stop`).
+    let rounds = m.div_ceil(2 * settings.batch).max(2 * workers);
     let (n1, s1, b1) = bare.run(rounds)?;
+    bare.stop();
     eprintln!(
         "  bare detector, first half: {n1} images in {s1:.2} s ({:.2} imgs/s; seconds per batch {b1:.3?})",
         n1 as f64 / s1,
@@ -768,12 +786,13 @@ fn phase_throughput(settings: &Settings, photos: &Photos, model: &mut Option<Mod
     let inside = inside_figures(&arrivals)?;
     eprintln!("  pipeline batches (images, seconds): {:.3?}", inside.sizes);
 
+    let mut bare = BareDetector::start(&inference, &photos.decoded, settings.batch)?;
     let (n2, s2, b2) = bare.run(rounds)?;
     eprintln!(
         "  bare detector, second half: {n2} images in {s2:.2} s ({:.2} imgs/s; seconds per batch {b2:.3?})",
         n2 as f64 / s2,
     );
-    drop(bare);
+    bare.stop();
     Ok(ThroughputResult {
         bare: (n1 + n2) as f64 / (s1 + s2),
         bare_images: n1 + n2,
@@ -1143,7 +1162,7 @@ fn tiny_output_record(i: usize) -> Vec<u8> {
 /// async runtime (semaphore + `spawn_blocking`, as `pipeline::process` does it), and Kafka
 /// alone (consuming the input with the service's consumer settings; producing output
 /// records with the service's producer, one task per record, as the sink does).
-fn phase_breakdown(settings: &Settings) -> Result<Vec<StageFigure>> {
+fn phase_breakdown(settings: &Settings, photos: &Photos) -> Result<Vec<StageFigure>> {
     let n = settings.ceiling_events;
     let png = tiny_png()?;
     let mut figures = Vec::new();
@@ -1166,6 +1185,40 @@ fn phase_breakdown(settings: &Settings) -> Result<Vec<StageFigure>> {
         stage: "PNG decode (8×8)",
         per_s: rate,
         detail: format!("preprocess::decode_image, {n} images, one thread"),
+    });
+    let rounds = 10 * photos.encoded.len();
+    let rate = per_second(rounds, |i| {
+        let bytes = &photos.encoded[i % photos.encoded.len()];
+        decode_image(bytes, DEFAULT_MAX_PIXELS).expect("sample decodes");
+    });
+    figures.push(StageFigure {
+        stage: "decode of the sample photos",
+        per_s: rate,
+        detail: format!("preprocess::decode_image, {rounds} photos (PNG/JPEG, 451×300 to 640×427), one thread"),
+    });
+    let colour_cfg = attrstream::attributes::ColourConfig::default();
+    let rate = per_second(rounds, |i| {
+        let image = &photos.decoded[i % photos.decoded.len()];
+        let (w, h) = (image.width() as f32, image.height() as f32);
+        let dets = ImageDetections {
+            width: image.width(),
+            height: image.height(),
+            detections: (0..3)
+                .map(|k| attrstream::detection::Detection {
+                    label: "thing".into(),
+                    label_id: 1,
+                    score: 0.9 - 0.1 * k as f32,
+                    box_px: [w / 4.0, h / 4.0, 3.0 * w / 4.0, 3.0 * h / 4.0],
+                    box_norm: [0.25, 0.25, 0.75, 0.75],
+                })
+                .collect(),
+        };
+        std::hint::black_box(attrstream::attributes::aggregate(image, &dets, &colour_cfg));
+    });
+    figures.push(StageFigure {
+        stage: "colours of 3 detections (sample photos)",
+        per_s: rate,
+        detail: format!("attributes::aggregate, default ColourConfig, {rounds} photos, one thread"),
     });
     let rate = per_second(n, |i| {
         std::hint::black_box(tiny_output_record(i));
@@ -1217,24 +1270,61 @@ fn phase_breakdown(settings: &Settings) -> Result<Vec<StageFigure>> {
     let consumer: BaseConsumer = cc.create()?;
     consumer.subscribe(&[IN])?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut got = 0usize;
-    let mut first: Option<Instant> = None;
-    while got < n {
-        if Instant::now() > deadline {
-            bail!("breakdown: consumed only {got} of {n} input events in 120 s");
+    let poll_one = |what: &str| -> Result<()> {
+        loop {
+            if Instant::now() > deadline {
+                bail!("breakdown: {what}: no input event within 120 s");
+            }
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
+                std::hint::black_box(m.payload().map(<[u8]>::to_vec));
+                return Ok(());
+            }
         }
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-            std::hint::black_box(m.payload().map(<[u8]>::to_vec));
-            got += 1;
-            first.get_or_insert_with(Instant::now);
-        }
+    };
+    // Consume the first half at full speed.
+    let half = n / 2;
+    poll_one("first message")?;
+    let first = Instant::now();
+    for _ in 1..half {
+        poll_one("consuming")?;
     }
-    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
-    drop(consumer);
+    let secs = first.elapsed().as_secs_f64();
     figures.push(StageFigure {
         stage: "Kafka consume alone",
-        per_s: (n - 1) as f64 / secs,
-        detail: format!("BaseConsumer::poll with the service's consumer settings, {n} events, {partitions} partitions"),
+        per_s: (half - 1) as f64 / secs,
+        detail: format!(
+            "BaseConsumer::poll with the service's consumer settings, {half} events, {partitions} partitions"
+        ),
+    });
+    // What the service's backpressure does: pause every partition, let 100 ms pass while
+    // polling (as the consumer thread does), resume, and time until the next message.
+    let mut resume_ms = Vec::new();
+    for _ in 0..5 {
+        let assignment = consumer.assignment()?;
+        consumer.pause(&assignment)?;
+        let paused = Instant::now();
+        while paused.elapsed() < Duration::from_millis(100) {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(10)) {
+                bail!("breakdown: a message arrived from a paused partition");
+            }
+        }
+        consumer.resume(&assignment)?;
+        let resumed = Instant::now();
+        poll_one("after resume")?;
+        resume_ms.push(resumed.elapsed().as_secs_f64() * 1000.0);
+        for _ in 0..1000 {
+            poll_one("after resume")?;
+        }
+    }
+    drop(consumer);
+    resume_ms.sort_by(f64::total_cmp);
+    figures.push(StageFigure {
+        stage: "Kafka consumer resume after a pause",
+        per_s: 1000.0 / percentile(&resume_ms, 50.0),
+        detail: format!(
+            "pause all partitions 100 ms, resume, first message after {:.0?} ms (5 tries): at most one pause cycle per this",
+            resume_ms
+        ),
     });
 
     let producer = attrstream::sink::create_producer(&attrstream::pipeline::producer_properties(&config))?;
@@ -1297,7 +1387,25 @@ fn machine() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into());
-    format!("{} cores ({cpu}), load average {load} at start", available_cores())
+    format!(
+        "{} cores ({cpu}), load average {load}, {}",
+        available_cores(),
+        cpu_pressure()
+    )
+}
+
+/// The share of the last minute in which runnable tasks waited for a CPU (`/proc/pressure/cpu`):
+/// other work on the machine that the figures share the cores with.
+fn cpu_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().find(|f| f.starts_with("avg60=")))
+                .map(|f| format!("CPU pressure {}% (avg60)", &f[6..]))
+        })
+        .unwrap_or_else(|| "CPU pressure unknown".into())
 }
 
 /// `goal met` / `goal missed` for a figure.
@@ -1314,11 +1422,25 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .try_init();
-    if let Err(e) = std::env::set_current_dir(common::root()) {
-        eprintln!("cannot enter the project folder: {e}");
-        return ExitCode::from(2);
+    // The project folder: where the benchmark was built, or the current folder when the
+    // binary runs elsewhere (a prebuilt copy on a GPU machine, started from the repository root).
+    if !std::path::Path::new("assets/samples").is_dir() {
+        if let Err(e) = std::env::set_current_dir(common::root()) {
+            eprintln!(
+                "bench-pipeline: run it from the repository root (assets/samples not found here, and {}: {e})",
+                common::root().display()
+            );
+            return ExitCode::from(2);
+        }
     }
     let settings = Settings::from_env();
+    if let Some(p) = settings.phases.iter().find(|p| !PHASES.contains(&p.as_str())) {
+        eprintln!(
+            "bench-pipeline: unknown phase `{p}` in BENCH_PHASES (known: {})",
+            PHASES.join(", ")
+        );
+        return ExitCode::from(2);
+    }
     let started = Instant::now();
     let date = today();
     let host = machine();
@@ -1373,7 +1495,7 @@ fn main() -> ExitCode {
     };
 
     let breakdown = if settings.runs("breakdown") {
-        match phase_breakdown(&settings) {
+        match phase_breakdown(&settings, &photos) {
             Ok(r) => Some(r),
             Err(e) => {
                 failures.push(format!("breakdown: {e:#}"));
@@ -1394,13 +1516,14 @@ fn main() -> ExitCode {
     }
     println!(
         "config: devices [{}], {threads} libtorch thread(s) per CPU worker, decode threads {}, \
-         in-process Kafka broker (fetch.wait.max.ms {FETCH_WAIT_MS})",
+         OMP_WAIT_POLICY {}, in-process Kafka broker (fetch.wait.max.ms {FETCH_WAIT_MS})",
         settings.devices.join(", "),
         if settings.decode_threads > 0 {
             settings.decode_threads
         } else {
             available_cores()
         },
+        std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "unset (libgomp spins)".into()),
     );
     println!();
     println!("| figure | result | goal | detail |");
@@ -1489,7 +1612,7 @@ fn main() -> ExitCode {
             c.inside.decode_ms,
             c.inside.batch_wait_ms,
             c.inside.total_ms,
-            c.inside.batches,
+            c.report.batches.batches,
         );
         println!("phase 2 CPU by thread ([service] = started by the service, [before] = broker, reader, benchmark):");
         for (name, secs) in c.cpu.iter().take(14) {
@@ -1499,10 +1622,19 @@ fn main() -> ExitCode {
     if let Some(b) = &breakdown {
         println!("stages alone (BENCH_PHASES=breakdown), each at its own maximum rate:");
         for f in b {
-            println!("  {:<36} {:>10.0} /s  ({})", f.stage, f.per_s, f.detail);
+            let digits = if f.per_s < 100.0 { 2 } else { 0 };
+            println!("  {:<40} {:>10.digits$} /s  ({})", f.stage, f.per_s, f.detail);
         }
     }
-    println!("total time {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "total time {:.0} s; at the end: load average {}, {}",
+        started.elapsed().as_secs_f64(),
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_string))
+            .unwrap_or_default(),
+        cpu_pressure()
+    );
     if failures.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -76,24 +76,25 @@ def iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def agreement(theirs, ours, top=10):
-    """Counts, and for torchvision's `top` best detections the closest of ours with the same label."""
+def agreement(theirs, ours, png, top=10):
+    """Counts, and for torchvision's `top` best detections the closest of ours with the same
+    label, over the PNG photos (PIL and the image crate decode JPEGs slightly differently)."""
     counts = []
     worst_iou, worst_score = 1.0, 0.0
-    for t, o in zip(theirs, ours):
+    for t, o in [(t, o) for t, o, p in zip(theirs, ours, png) if p]:
         counts.append(f"{len(t['scores'])}/{len(o)}")
         for box, score, label in list(zip(t["boxes"], t["scores"], t["labels"]))[:top]:
             same = [d for d in o if d["label_id"] == label]
             best = max(same, key=lambda d: iou(box, d["box_px"]), default=None)
             worst_iou = min(worst_iou, iou(box, best["box_px"]) if best else 0.0)
             worst_score = max(worst_score, abs(score - best["score"]) if best else 1.0)
-    return f"detections torchvision/ours {' '.join(counts)}; top {top}: min IoU {worst_iou:.3f}, max |score diff| {worst_score:.4f}"
+    return f"PNG detections torchvision/ours {' '.join(counts)}; top {top}: min IoU {worst_iou:.3f}, max |score diff| {worst_score:.4f}"
 
 
 def report(ref_file, runs_file, warm):
     ref = [json.loads(line) for line in open(ref_file) if line.startswith("{")]
     speed = {r["batch"]: r["imgs_per_s"] for r in ref if "batch" in r}
-    theirs = next(r["detections"] for r in ref if "detections" in r)
+    theirs = next((r["detections"] for r in ref if "detections" in r), None)
     runs = {}
     for line in open(runs_file):
         mode, batch, images, wall, path = line.split()
@@ -101,14 +102,18 @@ def report(ref_file, runs_file, warm):
         runs.setdefault((mode, int(batch)), []).append((int(images), float(wall), records))
     print(f"{'path':<6} {'batch':>5} {'torchvision/s':>14} {'model/s':>9} {'ratio':>6} {'cli/s':>8} {'ratio':>6}")
     for (mode, batch), pair in sorted(runs.items()):
+        if len(pair) < 2:
+            continue
         (n_small, t_small, small), (n_big, t_big, big) = sorted(pair)
         timed = [r["inference_ms"] for r in big[warm:]]
         model_rate = 1000.0 * len(timed) / sum(timed) if timed and sum(timed) > 0 else float("nan")
         cli_rate = (n_big - n_small) / (t_big - t_small) if t_big > t_small else float("nan")
         tv = speed.get(batch, float("nan"))
         print(f"{mode:<6} {batch:>5} {tv:>14.2f} {model_rate:>9.2f} {model_rate / tv:>6.2f} {cli_rate:>8.2f} {cli_rate / tv:>6.2f}")
-        if batch == 1:
-            print(f"       {mode}: {agreement(theirs, [r['detections'] for r in small[: len(theirs)]])}")
+        if batch == 1 and theirs:
+            ours = small[: len(theirs)]
+            png = [r["image"].endswith(".png") for r in ours]
+            print(f"       {mode}: {agreement(theirs, [r['detections'] for r in ours], png)}")
         if len(big) != n_big or any("error" in r for r in big):
             print(f"       {mode} batch {batch}: {len(big)} records for {n_big} images (errors?)")
 
