@@ -50,6 +50,8 @@ pub struct RunReport {
     pub batches: BatchStats,
     /// Times the consumer paused for backpressure.
     pub pauses: u64,
+    /// Most messages in flight at once.
+    pub peak_in_flight: usize,
 }
 
 /// The inference side of a run: how many workers and how to build each one's model.
@@ -287,6 +289,7 @@ fn report_and_flush(
         abandoned: consumer.abandoned,
         batches,
         pauses: consumer.pauses,
+        peak_in_flight: consumer.peak_in_flight,
     })
 }
 

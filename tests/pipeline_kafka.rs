@@ -335,7 +335,7 @@ fn two_instances_in_one_group_split_the_partitions() {
 }
 
 #[test]
-fn overload_pauses_the_consumer_and_loses_nothing() {
+fn overload_holds_the_in_flight_limit_and_loses_nothing() {
     let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
     let brokers = broker.bootstrap_servers().to_string();
     let records: Vec<(Vec<u8>, Vec<u8>)> = (0..60)
@@ -353,9 +353,36 @@ fn overload_pauses_the_consumer_and_loses_nothing() {
     let read = read_topics(&brokers, &[OUT], 60, Duration::from_secs(60));
     let report = running.stop();
     assert_eq!(read.len(), 60, "all processed after {:?}", started.elapsed());
-    assert!(report.pauses > 0, "the consumer paused under overload: {report:?}");
+    assert!(report.peak_in_flight <= 6, "in-flight limit held: {report:?}");
     assert!(report.batches.mean_batch_size() <= 2.0);
     assert_all_committed(&brokers, "g-overload", 2);
+}
+
+#[test]
+fn a_long_stall_pauses_the_partitions_and_loses_nothing() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let e = event(&format!("l{i}"), ImageSource::Inline(png(10, 10, [i as u8, 9, 9])));
+            (e.product_id.clone().into_bytes(), framed(&e))
+        })
+        .collect();
+    produce_raw(&brokers, IN, &records);
+    let mut cfg = config(&brokers, "g-stall");
+    cfg.pipeline.max_in_flight = 2;
+    cfg.batch.max_batch_size = 2;
+    // Each batch takes longer than the consumer waits before pausing.
+    let running = Running::start(cfg, fake_inference(1, Duration::from_millis(1500)));
+    let read = read_topics(&brokers, &[OUT], 6, Duration::from_secs(60));
+    let report = running.stop();
+    assert_eq!(read.len(), 6);
+    assert!(
+        report.pauses > 0,
+        "the consumer paused during the long stall: {report:?}"
+    );
+    assert!(report.peak_in_flight <= 2, "{report:?}");
+    assert_all_committed(&brokers, "g-stall", 2);
 }
 
 #[test]

@@ -62,7 +62,15 @@ pub struct ConsumerReport {
     pub abandoned: usize,
     /// Times the consumer paused for backpressure.
     pub pauses: u64,
+    /// Most messages in flight at once (never above `max_in_flight`).
+    pub peak_in_flight: usize,
 }
+
+/// At the in-flight limit the loop first just waits for completions (no new messages are
+/// read, heartbeats continue on librdkafka's thread); only a stall longer than this pauses
+/// the partitions. Pausing drops librdkafka's prefetched messages and fetching resumes only
+/// after about a second, which would cap throughput at about `max_in_flight` msgs/s.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// State shared between the poll loop and the rebalance callbacks (same thread, so the
 /// mutex is never contended; it exists because the callbacks only get `&self`).
@@ -83,6 +91,18 @@ impl SharedState {
                 moved.push((pos.partition, next));
             }
         }
+        moved
+    }
+
+    /// Waits up to `timeout` for one completion, then applies every other that arrived.
+    fn wait_for_completion(&mut self, timeout: Duration) -> Vec<(i32, i64)> {
+        let mut moved = Vec::new();
+        if let Ok(pos) = self.completions.recv_timeout(timeout) {
+            if let Some(next) = self.tracker.complete(pos) {
+                moved.push((pos.partition, next));
+            }
+        }
+        moved.extend(self.apply_completions());
         moved
     }
 
@@ -272,9 +292,25 @@ fn poll_loop(
     let resume_below = (settings.max_in_flight / 2).max(1);
     let lock = |s: &Arc<Mutex<SharedState>>| s.lock().unwrap_or_else(|e| e.into_inner()).apply_completions();
     let mut last_error: Option<Instant> = None;
+    let mut stalled_since: Option<Instant> = None;
     while !shutdown.load(Ordering::SeqCst) {
         let moved = lock(&state);
         store(&consumer, &settings.topic, &moved);
+        let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
+        report.peak_in_flight = report.peak_in_flight.max(in_flight);
+        if in_flight >= settings.max_in_flight {
+            let since = *stalled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < PAUSE_AFTER {
+                let moved = state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .wait_for_completion(Duration::from_millis(50));
+                store(&consumer, &settings.topic, &moved);
+                continue;
+            }
+        } else {
+            stalled_since = None;
+        }
         flow_control(&consumer, &state, settings.max_in_flight, resume_below, &mut report);
         match consumer.poll(Duration::from_millis(50)) {
             None => {}
