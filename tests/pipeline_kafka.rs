@@ -94,6 +94,17 @@ fn framed(e: &ProductImageEvent) -> Vec<u8> {
     frame(1, &encode_event(e))
 }
 
+/// Keyed, framed events with small distinct inline PNGs, product ids `{prefix}{i}`.
+fn inline_events(prefix: &str, range: std::ops::Range<usize>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    range
+        .map(|i| {
+            let colour = [(i % 256) as u8, (i / 256) as u8, 7];
+            let e = event(&format!("{prefix}{i}"), ImageSource::Inline(png(10, 10, colour)));
+            (e.product_id.clone().into_bytes(), framed(&e))
+        })
+        .collect()
+}
+
 /// Outputs by key and dead letters by key, decoded.
 fn collect(records: &[ReadRecord]) -> (Vec<ProductAttributes>, HashMap<String, DeadLetter>) {
     let mut outputs = Vec::new();
@@ -252,14 +263,7 @@ fn every_event_gives_one_output_or_a_dead_letter_with_its_reason() {
 fn restart_resumes_from_committed_offsets_without_loss_or_duplicates() {
     let broker = EmbeddedBroker::start(1, &[(IN, 4), (OUT, 2), (DLQ, 1)]).unwrap();
     let brokers = broker.bootstrap_servers().to_string();
-    let batch = |from: usize, to: usize| -> Vec<(Vec<u8>, Vec<u8>)> {
-        (from..to)
-            .map(|i| {
-                let e = event(&format!("p{i}"), ImageSource::Inline(png(12, 12, [i as u8, 0, 0])));
-                (e.product_id.clone().into_bytes(), framed(&e))
-            })
-            .collect()
-    };
+    let batch = |from: usize, to: usize| inline_events("p", from..to);
     produce_raw(&brokers, IN, &batch(0, 40));
     let mut slow = config(&brokers, "g-restart");
     slow.batch.max_batch_size = 1;
@@ -315,12 +319,7 @@ fn two_instances_in_one_group_split_the_partitions() {
     );
     // Let both join before the data arrives, so the split is visible.
     std::thread::sleep(Duration::from_secs(4));
-    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..80)
-        .map(|i| {
-            let e = event(&format!("s{i}"), ImageSource::Inline(png(10, 10, [0, i as u8, 0])));
-            (e.product_id.clone().into_bytes(), framed(&e))
-        })
-        .collect();
+    let records = inline_events("s", 0..80);
     produce_raw(&brokers, IN, &records);
     let read = read_topics(&brokers, &[OUT], 80, Duration::from_secs(60));
     let (ra, rb) = (a.stop(), b.stop());
@@ -338,12 +337,7 @@ fn two_instances_in_one_group_split_the_partitions() {
 fn overload_holds_the_in_flight_limit_and_loses_nothing() {
     let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
     let brokers = broker.bootstrap_servers().to_string();
-    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..60)
-        .map(|i| {
-            let e = event(&format!("o{i}"), ImageSource::Inline(png(10, 10, [0, 0, i as u8])));
-            (e.product_id.clone().into_bytes(), framed(&e))
-        })
-        .collect();
+    let records = inline_events("o", 0..60);
     produce_raw(&brokers, IN, &records);
     let mut cfg = config(&brokers, "g-overload");
     cfg.pipeline.max_in_flight = 6;
@@ -362,12 +356,7 @@ fn overload_holds_the_in_flight_limit_and_loses_nothing() {
 fn a_long_stall_pauses_the_partitions_and_loses_nothing() {
     let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
     let brokers = broker.bootstrap_servers().to_string();
-    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..6)
-        .map(|i| {
-            let e = event(&format!("l{i}"), ImageSource::Inline(png(10, 10, [i as u8, 9, 9])));
-            (e.product_id.clone().into_bytes(), framed(&e))
-        })
-        .collect();
+    let records = inline_events("l", 0..6);
     produce_raw(&brokers, IN, &records);
     let mut cfg = config(&brokers, "g-stall");
     cfg.pipeline.max_in_flight = 2;
