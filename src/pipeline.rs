@@ -383,12 +383,13 @@ async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, mo
     let waited = batched_at.elapsed().as_secs_f64() * 1000.0 - inference_ms;
     timings.batch_wait_ms = waited.max(0.0);
     timings.inference_ms = inference_ms;
+    let (image_width, image_height) = (dets.width, dets.height);
+    let detections = attributes::detection_records(&dets);
     let aggregated = if dets.detections.is_empty() {
         Default::default()
     } else {
         let _permit = ctx.cpu.acquire().await;
         let cfg = ctx.config.attributes.clone();
-        let dets = dets.clone();
         tokio::task::spawn_blocking(move || attributes::aggregate(&image, &dets, &cfg))
             .await
             .unwrap_or_else(|e| {
@@ -401,9 +402,9 @@ async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, mo
         event_id: event.event_id,
         product_id: event.product_id,
         model,
-        image_width: dets.width,
-        image_height: dets.height,
-        detections: attributes::detection_records(&dets),
+        image_width,
+        image_height,
+        detections,
         attributes: aggregated,
         timings,
         event_time_ms: event.event_time_ms,

@@ -290,11 +290,12 @@ fn poll_loop(
 ) -> Result<ConsumerReport> {
     let mut report = ConsumerReport::default();
     let resume_below = (settings.max_in_flight / 2).max(1);
-    let lock = |s: &Arc<Mutex<SharedState>>| s.lock().unwrap_or_else(|e| e.into_inner()).apply_completions();
+    let apply_completions =
+        |s: &Arc<Mutex<SharedState>>| s.lock().unwrap_or_else(|e| e.into_inner()).apply_completions();
     let mut last_error: Option<Instant> = None;
     let mut stalled_since: Option<Instant> = None;
     while !shutdown.load(Ordering::SeqCst) {
-        let moved = lock(&state);
+        let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
         let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
         report.peak_in_flight = report.peak_in_flight.max(in_flight);
@@ -355,7 +356,7 @@ fn poll_loop(
     }
     let deadline = Instant::now() + settings.drain_timeout;
     loop {
-        let moved = lock(&state);
+        let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
         let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
         if in_flight == 0 {
