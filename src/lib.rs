@@ -19,6 +19,7 @@
 //! * [`serve`]: what `serve` and `demo` share: config from the CLI, detector workers, signals.
 //! * [`embedded_broker`]: the in-process Kafka-protocol broker for `demo`, tests and benchmarks.
 //! * [`attributes`]: detections → aggregated product attributes (labels, main object, colours).
+//! * [`train`]: replaying labelled images, fine-tuning, COCO evaluation, the model registry.
 
 pub mod annotate;
 pub mod attributes;
@@ -37,4 +38,5 @@ pub mod preprocess;
 pub mod serve;
 pub mod sink;
 pub mod source;
+pub mod train;
 pub mod workers;
