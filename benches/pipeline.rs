@@ -225,10 +225,7 @@ fn base_config(brokers: &str, settings: &Settings) -> Result<Config> {
 
 /// A second handle on the same workers and factory.
 fn clone_inference(inference: &Inference) -> Inference {
-    Inference {
-        workers: inference.workers,
-        factory: inference.factory.clone(),
-    }
+    Inference::new(inference.workers, inference.factory.clone())
 }
 
 /// Microseconds since the Unix epoch (the clock both ends of the latency phase read).
@@ -992,7 +989,7 @@ fn phase_ceiling(settings: &Settings) -> Result<CeilingResult> {
     let threads_before = thread_cpu();
     let cpu_before = process_cpu();
     let started = Instant::now();
-    let service = Service::start(config.clone(), Inference { workers: 1, factory })?;
+    let service = Service::start(config.clone(), Inference::new(1, factory))?;
     let waited = wait_for(&reader, &service, n, Duration::from_secs(300), "phase 2 (ceiling)");
     let total_secs = started.elapsed().as_secs_f64();
     let cpu_secs = process_cpu() - cpu_before;

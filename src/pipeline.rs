@@ -60,6 +60,28 @@ pub struct Inference {
     pub workers: usize,
     /// Builds worker `i`'s backend on its own thread.
     pub factory: BackendFactory,
+    /// New model versions to switch to while running (e.g. promotions seen in the model
+    /// registry); `None` serves the first model until the end.
+    pub updates: Option<mpsc::Receiver<ModelUpdate>>,
+}
+
+impl Inference {
+    /// Workers that serve the model `factory` builds, with no model updates.
+    pub fn new(workers: usize, factory: BackendFactory) -> Self {
+        Self {
+            workers,
+            factory,
+            updates: None,
+        }
+    }
+}
+
+/// A model to switch every worker to without stopping ([`WorkerPool::swap_model`]).
+pub struct ModelUpdate {
+    /// Builds the new model's backend for worker `i`.
+    pub factory: BackendFactory,
+    /// What is being switched to, for the logs (e.g. `registry version v0004`).
+    pub description: String,
 }
 
 /// The per-event payload carried through batching and inference.
@@ -190,6 +212,9 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
         results_tx,
     )?);
     tracing::info!(workers = pool.len(), "inference workers ready");
+    let swapper = inference
+        .updates
+        .map(|updates| tokio::spawn(apply_model_updates(pool.clone(), updates)));
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<InputMessage>();
     let (consumer, completions) = spawn_consumer(
@@ -256,6 +281,9 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
     let consumer_report = tokio::task::spawn_blocking(move || consumer.join())
         .await
         .context("joining the consumer thread")??;
+    if let Some(swapper) = swapper {
+        swapper.abort();
+    }
     drop(batch_tx);
     if consumer_report.abandoned == 0 {
         // Everything was acknowledged: the remaining stages only need to wind down.
@@ -266,6 +294,21 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
         batcher.abort();
         finisher.abort();
         report_and_flush(&ctx, consumer_report, BatchStats::default(), &sink, fatal)
+    }
+}
+
+/// Switches the workers to each model update as it arrives; a model that fails to load is
+/// logged and the current one keeps serving.
+async fn apply_model_updates(pool: Arc<WorkerPool<Job>>, mut updates: mpsc::Receiver<ModelUpdate>) {
+    while let Some(update) = updates.recv().await {
+        tracing::info!(model = %update.description, "loading a new model on every worker");
+        let started = Instant::now();
+        match pool.swap_model(update.factory).await {
+            Ok(model) => tracing::info!(name = %model.name, version = %model.version,
+                load_ms = started.elapsed().as_millis() as u64, "switched every worker to the new model"),
+            Err(e) => tracing::error!(model = %update.description, error = %format!("{e:#}"),
+                "the new model could not be loaded; the current model keeps serving"),
+        }
     }
 }
 

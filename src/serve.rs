@@ -127,13 +127,7 @@ pub fn detector_inference(config: &Config) -> Result<(Inference, ModelRef)> {
         );
         Ok(Box::new(DetectorBackend::new(detector, shared_model.clone())) as Box<dyn InferenceBackend>)
     });
-    Ok((
-        Inference {
-            workers: devices.len(),
-            factory,
-        },
-        model,
-    ))
+    Ok((Inference::new(devices.len(), factory), model))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -5,6 +5,12 @@
 //! whose model fails or panics on a batch is rebuilt from its factory and the batch is
 //! retried image by image, so one poison image fails alone and nothing is dropped: every
 //! image of every batch comes back with detections or an error.
+//!
+//! A new model version is swapped in without downtime ([`WorkerPool::swap_model`]): every
+//! worker's new replica is loaded and warmed beside the old one while the old one keeps
+//! serving; then, under the dispatch gate, each worker is told to switch. Batches dispatched
+//! before the switch finish on the old model, every later batch runs on the new one, and a
+//! replica that fails to load aborts the swap with the old model still serving.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,8 +91,16 @@ pub struct WorkResult<T> {
     pub worker: usize,
 }
 
+/// What a worker's queue carries: batches, and the switch to a new model.
+enum WorkerMessage<T> {
+    Batch(WorkBatch<T>),
+    /// Replace the model with this already loaded and warmed replica; rebuilds after a later
+    /// failure use the new factory.
+    Swap(Box<dyn InferenceBackend>, BackendFactory),
+}
+
 struct WorkerHandle<T> {
-    tx: mpsc::Sender<WorkBatch<T>>,
+    tx: mpsc::Sender<WorkerMessage<T>>,
     load: Arc<AtomicUsize>,
 }
 
@@ -94,6 +108,11 @@ struct WorkerHandle<T> {
 pub struct WorkerPool<T> {
     workers: Vec<WorkerHandle<T>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Held while a batch is handed to a worker and while a swap is announced to all of them,
+    /// so that every batch is either before the swap on every worker or after it.
+    dispatch_gate: tokio::sync::Mutex<()>,
+    /// Model swaps announced so far.
+    swaps: AtomicUsize,
 }
 
 impl<T: Send + 'static> WorkerPool<T> {
@@ -111,7 +130,7 @@ impl<T: Send + 'static> WorkerPool<T> {
         let mut ready = Vec::new();
         for index in 0..count {
             // One batch queued while another runs: the next batch is ready when the device frees up.
-            let (tx, rx) = mpsc::channel::<WorkBatch<T>>(1);
+            let (tx, rx) = mpsc::channel::<WorkerMessage<T>>(1);
             let load = Arc::new(AtomicUsize::new(0));
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let worker = Worker {
@@ -136,7 +155,12 @@ impl<T: Send + 'static> WorkerPool<T> {
                 Err(_) => anyhow::bail!("inference worker {index} exited during start-up"),
             }
         }
-        Ok(Self { workers, threads })
+        Ok(Self {
+            workers,
+            threads,
+            dispatch_gate: tokio::sync::Mutex::new(()),
+            swaps: AtomicUsize::new(0),
+        })
     }
 
     /// Number of workers.
@@ -157,6 +181,7 @@ impl<T: Send + 'static> WorkerPool<T> {
     /// Sends a batch to the least-loaded worker, waiting while every worker's queue is full.
     /// Fails only if all workers have exited.
     pub async fn dispatch(&self, batch: WorkBatch<T>) -> Result<()> {
+        let _gate = self.dispatch_gate.lock().await;
         let n = batch.images.len();
         let mut order: Vec<usize> = (0..self.workers.len()).collect();
         order.sort_by_key(|&i| self.workers[i].load.load(Ordering::Relaxed));
@@ -164,7 +189,7 @@ impl<T: Send + 'static> WorkerPool<T> {
         for &i in &order {
             if let Ok(permit) = self.workers[i].tx.try_reserve() {
                 self.workers[i].load.fetch_add(n, Ordering::Relaxed);
-                permit.send(batch);
+                permit.send(WorkerMessage::Batch(batch));
                 return Ok(());
             }
         }
@@ -176,8 +201,40 @@ impl<T: Send + 'static> WorkerPool<T> {
         let ((i, permit), _, _) = futures::future::select_all(reservations).await;
         let permit = permit.map_err(|_| anyhow::anyhow!("inference worker {i} has stopped"))?;
         self.workers[i].load.fetch_add(n, Ordering::Relaxed);
-        permit.send(batch);
+        permit.send(WorkerMessage::Batch(batch));
         Ok(())
+    }
+
+    /// Switches every worker to the model that `factory` builds, without dropping or failing
+    /// a batch; returns the new model's identity.
+    ///
+    /// The new replicas are built and warmed on loader threads (one per worker, in parallel)
+    /// while the old ones keep serving, so device memory briefly holds both. Only when all
+    /// of them are ready is the switch announced to every worker under the dispatch gate:
+    /// batches dispatched earlier finish on the old model, later ones run on the new one.
+    /// If any replica fails to load, nothing switches and the error is returned.
+    pub async fn swap_model(&self, factory: BackendFactory) -> Result<ModelRef> {
+        let count = self.workers.len();
+        let loader_factory = factory.clone();
+        let replicas = tokio::task::spawn_blocking(move || build_replicas(count, &loader_factory))
+            .await
+            .context("model loader task")??;
+        let model = replicas.first().map(|b| b.model()).context("no workers to swap")?;
+        let _gate = self.dispatch_gate.lock().await;
+        for (i, (worker, replica)) in self.workers.iter().zip(replicas).enumerate() {
+            worker
+                .tx
+                .send(WorkerMessage::Swap(replica, factory.clone()))
+                .await
+                .map_err(|_| anyhow::anyhow!("inference worker {i} has stopped"))?;
+        }
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        Ok(model)
+    }
+
+    /// How many model swaps were announced since the pool started.
+    pub fn swaps(&self) -> usize {
+        self.swaps.load(Ordering::Relaxed)
     }
 
     /// Closes the queues and waits for the workers to finish what they hold.
@@ -198,7 +255,7 @@ struct Worker<T> {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    fn run(self, mut rx: mpsc::Receiver<WorkBatch<T>>, ready: std::sync::mpsc::Sender<Result<()>>) {
+    fn run(mut self, mut rx: mpsc::Receiver<WorkerMessage<T>>, ready: std::sync::mpsc::Sender<Result<()>>) {
         let mut backend = match self.build() {
             Ok(b) => {
                 let _ = ready.send(Ok(()));
@@ -209,7 +266,17 @@ impl<T: Send + 'static> Worker<T> {
                 return;
             }
         };
-        while let Some(batch) = rx.blocking_recv() {
+        while let Some(message) = rx.blocking_recv() {
+            let batch = match message {
+                WorkerMessage::Batch(batch) => batch,
+                WorkerMessage::Swap(replica, factory) => {
+                    let old = backend.replace(replica).map(|b| b.model());
+                    self.factory = factory;
+                    tracing::info!(worker = self.index, old = ?old, new = ?backend.as_ref().map(|b| b.model()),
+                        "switched to the new model");
+                    continue;
+                }
+            };
             let started = Instant::now();
             let queued = started.saturating_duration_since(batch.closed_at);
             let n = batch.images.len();
@@ -235,12 +302,7 @@ impl<T: Send + 'static> Worker<T> {
 
     /// Builds the backend and runs one tiny warm-up image through it.
     fn build(&self) -> Result<Option<Box<dyn InferenceBackend>>> {
-        let mut backend = (self.factory)(self.index)?;
-        let warm = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
-        backend
-            .infer(std::slice::from_ref(&warm))
-            .context("warm-up inference failed")?;
-        Ok(Some(backend))
+        build_warm(&self.factory, self.index).map(Some)
     }
 
     /// Runs a batch; on failure rebuilds the backend and retries image by image.
@@ -294,6 +356,45 @@ impl<T: Send + 'static> Worker<T> {
             }
         }
     }
+}
+
+/// Builds worker `index`'s backend with `factory` and runs one tiny warm-up image through it,
+/// so the first real batch does not pay for lazy initialisation.
+fn build_warm(factory: &BackendFactory, index: usize) -> Result<Box<dyn InferenceBackend>> {
+    let mut backend = factory(index)?;
+    let warm = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+    backend
+        .infer(std::slice::from_ref(&warm))
+        .context("warm-up inference failed")?;
+    Ok(backend)
+}
+
+/// Builds and warms one replica per worker in parallel (one loader thread each); fails if any
+/// replica fails, naming it.
+fn build_replicas(count: usize, factory: &BackendFactory) -> Result<Vec<Box<dyn InferenceBackend>>> {
+    std::thread::scope(|scope| {
+        let loaders: Vec<_> = (0..count)
+            .map(|index| {
+                std::thread::Builder::new()
+                    .name(format!("model-loader-{index}"))
+                    .spawn_scoped(scope, move || {
+                        catch_unwind(AssertUnwindSafe(|| build_warm(factory, index)))
+                            .unwrap_or_else(|p| Err(anyhow::anyhow!("loading panicked: {}", panic_message(&p))))
+                    })
+                    .context("cannot start a model loader thread")
+            })
+            .collect::<Result<_>>()?;
+        loaders
+            .into_iter()
+            .enumerate()
+            .map(|(index, loader)| {
+                loader
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("model loader {index} panicked"))?
+                    .with_context(|| format!("loading the new model for worker {index}"))
+            })
+            .collect()
+    })
 }
 
 /// Runs inference, turning errors, panics, a missing backend and a wrong result count into a message.
@@ -426,6 +527,129 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..60).collect::<Vec<_>>());
         assert!(workers.len() > 1, "work spread over workers: {workers:?}");
+        pool.shutdown();
+    }
+
+    /// Answers after a short delay with no detections; names itself `version`.
+    struct Versioned {
+        version: String,
+    }
+
+    impl InferenceBackend for Versioned {
+        fn model(&self) -> ModelRef {
+            ModelRef {
+                name: "versioned".into(),
+                version: self.version.clone(),
+            }
+        }
+
+        fn infer(&mut self, images: &[RgbImage]) -> Result<Vec<ImageDetections>> {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(images
+                .iter()
+                .map(|im| ImageDetections {
+                    width: im.width(),
+                    height: im.height(),
+                    detections: vec![],
+                })
+                .collect())
+        }
+    }
+
+    fn versioned(version: &'static str) -> BackendFactory {
+        Arc::new(move |_| {
+            Ok(Box::new(Versioned {
+                version: version.into(),
+            }) as Box<dyn InferenceBackend>)
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn swap_under_load_loses_nothing_and_is_atomic() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let pool = Arc::new(WorkerPool::start(3, versioned("v1"), 1, tx).unwrap());
+        let feeder_pool = pool.clone();
+        let feeder = tokio::spawn(async move {
+            for i in 0..400usize {
+                feeder_pool
+                    .dispatch(WorkBatch {
+                        images: vec![image([0, 0, 0])],
+                        items: vec![i],
+                        closed_at: Instant::now(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let new = pool.swap_model(versioned("v2")).await.unwrap();
+        assert_eq!(new.version, "v2");
+        // Everything dispatched from now on must run on the new model.
+        let marker = 1_000_000usize;
+        pool.dispatch(WorkBatch {
+            images: vec![image([0, 0, 0])],
+            items: vec![marker],
+            closed_at: Instant::now(),
+        })
+        .await
+        .unwrap();
+        feeder.await.unwrap();
+        let mut seen = Vec::new();
+        let mut last_version = std::collections::HashMap::new();
+        let mut per_version = std::collections::HashMap::<String, usize>::new();
+        while seen.len() < 401 {
+            let r = rx.recv().await.unwrap();
+            assert!(r.results.iter().all(|x| x.is_ok()), "no image failed during the swap");
+            // Per worker, results come in order: once on v2, never back on v1.
+            let previous = last_version.insert(r.worker, r.model.version.clone());
+            assert!(
+                !(previous.as_deref() == Some("v2") && r.model.version == "v1"),
+                "worker {} went back to the old model",
+                r.worker
+            );
+            if r.items.contains(&marker) {
+                assert_eq!(r.model.version, "v2");
+            }
+            *per_version.entry(r.model.version.clone()).or_default() += r.items.len();
+            seen.extend(r.items);
+        }
+        seen.sort_unstable();
+        let mut expected: Vec<usize> = (0..400).collect();
+        expected.push(marker);
+        assert_eq!(seen, expected, "every batch came back exactly once");
+        assert!(
+            per_version.get("v1").copied().unwrap_or(0) > 0 && per_version.get("v2").copied().unwrap_or(0) > 1,
+            "the swap happened mid-stream: {per_version:?}"
+        );
+        assert_eq!(pool.swaps(), 1);
+        Arc::try_unwrap(pool).ok().unwrap().shutdown();
+    }
+
+    #[tokio::test]
+    async fn failed_swap_keeps_the_old_model_serving() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let pool = WorkerPool::start(2, versioned("v1"), 1, tx).unwrap();
+        let broken: BackendFactory = Arc::new(|index| {
+            if index == 1 {
+                anyhow::bail!("weights file is corrupt")
+            }
+            Ok(Box::new(Versioned { version: "v2".into() }) as Box<dyn InferenceBackend>)
+        });
+        let err = format!("{:#}", pool.swap_model(broken).await.unwrap_err());
+        assert!(err.contains("worker 1") && err.contains("corrupt"), "{err}");
+        for i in 0..4 {
+            pool.dispatch(WorkBatch {
+                images: vec![image([0, 0, 0])],
+                items: vec![i],
+                closed_at: Instant::now(),
+            })
+            .await
+            .unwrap();
+        }
+        for _ in 0..4 {
+            assert_eq!(rx.recv().await.unwrap().model.version, "v1");
+        }
+        assert_eq!(pool.swaps(), 0);
         pool.shutdown();
     }
 }

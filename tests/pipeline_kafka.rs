@@ -16,7 +16,7 @@ use attrstream::events::codec::{
 };
 use attrstream::events::wire::{frame, unframe};
 use attrstream::events::{DeadLetter, ImageSource, ProductAttributes, ProductImageEvent};
-use attrstream::pipeline::{run, Inference, RunReport};
+use attrstream::pipeline::{run, Inference, ModelUpdate, RunReport};
 use common::kafka::*;
 
 const IN: &str = "images";
@@ -372,6 +372,53 @@ fn a_long_stall_pauses_the_partitions_and_loses_nothing() {
     );
     assert!(report.peak_in_flight <= 2, "{report:?}");
     assert_all_committed(&brokers, "g-stall", 2);
+}
+
+#[test]
+fn a_model_swap_under_load_loses_no_event_and_records_name_the_version() {
+    let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    produce_raw(&brokers, IN, &inline_events("before", 0..300));
+    let mut cfg = config(&brokers, "g-swap");
+    cfg.batch.max_batch_size = 4;
+    let mut inference = Inference::new(2, fake_factory(Duration::from_millis(30), "1"));
+    let (updates, updates_rx) = tokio::sync::mpsc::channel(1);
+    inference.updates = Some(updates_rx);
+    let running = Running::start(cfg, inference);
+    // Swap while the backlog is being worked through.
+    let early = read_topics(&brokers, &[OUT], 40, Duration::from_secs(60));
+    assert_eq!(early.len(), 40);
+    updates
+        .blocking_send(ModelUpdate {
+            factory: fake_factory(Duration::from_millis(30), "2"),
+            description: "version 2".into(),
+        })
+        .unwrap();
+    let during = read_topics(&brokers, &[OUT], 300, Duration::from_secs(60));
+    assert_eq!(during.len(), 300);
+    // Events that arrive after the swap are served by the new model only.
+    produce_raw(&brokers, IN, &inline_events("after", 0..20));
+    let read = read_topics(&brokers, &[OUT, DLQ], 320, Duration::from_secs(60));
+    let report = running.stop();
+    let (outputs, dead) = collect(&read);
+    assert!(dead.is_empty(), "nothing failed during the swap: {dead:?}");
+    let ids: HashSet<&str> = outputs.iter().map(|o| o.event_id.as_str()).collect();
+    assert_eq!(ids.len(), 320, "every event exactly one output");
+    let versions = |prefix: &str| -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for o in outputs.iter().filter(|o| o.product_id.starts_with(prefix)) {
+            *counts.entry(o.model.version.clone()).or_insert(0) += 1;
+        }
+        counts
+    };
+    let before = versions("before");
+    assert!(
+        before.get("1").copied().unwrap_or(0) >= 40 && before.get("2").copied().unwrap_or(0) > 0,
+        "the swap happened mid-stream: {before:?}"
+    );
+    assert_eq!(versions("after"), BTreeMap::from([("2".to_string(), 20)]));
+    assert_eq!(report.produced, 320);
+    assert_all_committed(&brokers, "g-swap", 2);
 }
 
 #[test]

@@ -133,13 +133,15 @@ pub fn end_offsets(brokers: &str, topic: &str, partitions: i32) -> HashMap<i32, 
 /// Images whose top-left pixel is magenta (255, 0, 255) make it panic, like a model bug.
 pub struct FakeDetector {
     pub delay: Duration,
+    /// The model version written into output records.
+    pub version: &'static str,
 }
 
 impl InferenceBackend for FakeDetector {
     fn model(&self) -> ModelRef {
         ModelRef {
             name: "fake".into(),
-            version: "1".into(),
+            version: self.version.into(),
         }
     }
 
@@ -172,10 +174,14 @@ impl InferenceBackend for FakeDetector {
 /// The colour that makes [`FakeDetector`] panic.
 pub const POISON_RGB: [u8; 3] = [255, 0, 255];
 
-/// `workers` fake workers with `delay` per batch.
+/// Builds [`FakeDetector`]s of model version `version` with `delay` per batch.
+pub fn fake_factory(delay: Duration, version: &'static str) -> BackendFactory {
+    Arc::new(move |_| Ok(Box::new(FakeDetector { delay, version }) as Box<dyn InferenceBackend>))
+}
+
+/// `workers` fake workers (model version "1") with `delay` per batch.
 pub fn fake_inference(workers: usize, delay: Duration) -> Inference {
-    let factory: BackendFactory = Arc::new(move |_| Ok(Box::new(FakeDetector { delay }) as Box<dyn InferenceBackend>));
-    Inference { workers, factory }
+    Inference::new(workers, fake_factory(delay, "1"))
 }
 
 /// A small PNG of one colour.
