@@ -214,6 +214,16 @@ pub struct ModelConfig {
     pub name: Option<String>,
     /// Model version in output records (default: first 12 hex digits of the weights' sha256).
     pub version: Option<String>,
+    /// Model registry (a directory, `file:///dir` or `s3://bucket/prefix`) whose production
+    /// version is the model to run and to follow; `attrstream model registry` uses it when
+    /// `--registry` is not given. See docs/model-registry.md.
+    pub registry: Option<String>,
+    /// Where weights downloaded from the registry are kept, named by their sha256.
+    pub registry_cache_dir: PathBuf,
+    /// How often `serve` checks the registry for a new production version and swaps it in
+    /// without stopping; 0 serves the version found at start-up until the end.
+    #[serde(with = "humantime_serde")]
+    pub registry_poll_interval: Duration,
 }
 
 impl Default for ModelConfig {
@@ -226,6 +236,9 @@ impl Default for ModelConfig {
             exact: false,
             name: None,
             version: None,
+            registry: None,
+            registry_cache_dir: PathBuf::from(crate::train::registry::DEFAULT_CACHE_DIR),
+            registry_poll_interval: Duration::from_secs(30),
         }
     }
 }
@@ -406,6 +419,12 @@ impl Config {
                 "model.score_threshold must be in [0, 1], got {}",
                 self.model.score_threshold
             );
+        }
+        if let Some(location) = &self.model.registry {
+            crate::train::registry::parse_location(location).context("model.registry")?;
+            if self.model.weights.is_some() {
+                bail!("model.weights and model.registry are both set; set one (the registry names the weights)");
+            }
         }
         for spec in &self.model.devices {
             crate::device::parse_device(spec).with_context(|| format!("model.devices entry `{spec}`"))?;

@@ -1,12 +1,13 @@
 //! What `serve` and `demo` share: configuration from the command line, the detector
 //! workers built from `[model]`, and the shutdown signal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use tch::Device;
+use tokio::sync::mpsc;
 
 use crate::cli::ConfigArgs;
 use crate::config::{available_cores, Config};
@@ -14,7 +15,8 @@ use crate::detection::{resolve_default_weights, Detector};
 use crate::events::ModelRef;
 use crate::model::faster_rcnn::FasterRcnnConfig;
 use crate::model::weights;
-use crate::pipeline::Inference;
+use crate::pipeline::{Inference, ModelUpdate};
+use crate::train::registry::{resolve_model, resolve_model_blocking, ModelRegistry, ResolvedModel, PRODUCTION_REF};
 use crate::workers::{BackendFactory, DetectorBackend, InferenceBackend};
 
 /// Loads the configuration: file, environment, then the command line's shorthands and `--set`s.
@@ -91,15 +93,46 @@ pub fn model_ref(config: &Config, weights_path: &Path) -> Result<ModelRef> {
 
 /// One detector worker per configured device, each loading its own replica.
 ///
+/// The weights come from `model.registry`'s production version when a registry is set (see
+/// [`follow_registry`] for switching to later promotions), else from `model.weights`, else
+/// from the default weights file.
+///
 /// CPU workers share the cores: each gets `model.threads_per_worker` intra-op threads, by
 /// default cores ÷ CPU workers, because libtorch slows down sharply when oversubscribed.
 pub fn detector_inference(config: &Config) -> Result<(Inference, ModelRef)> {
     let devices = configured_devices(config)?;
-    let weights_path = match &config.model.weights {
-        Some(p) => p.clone(),
-        None => resolve_default_weights()?,
+    let (weights_path, model) = match (&config.model.registry, &config.model.weights) {
+        (Some(location), _) => {
+            let resolved = resolve_model_blocking(location, PRODUCTION_REF, &config.model.registry_cache_dir)
+                .with_context(|| format!("loading the production model of the registry {location}"))?;
+            let model = registry_model_ref(config, &resolved);
+            (resolved.weights, model)
+        }
+        (None, Some(path)) => (path.clone(), model_ref(config, path)?),
+        (None, None) => {
+            let path = resolve_default_weights()?;
+            let model = model_ref(config, &path)?;
+            (path, model)
+        }
     };
-    let model = model_ref(config, &weights_path)?;
+    let factory = detector_factory(config, &devices, weights_path, model.clone());
+    Ok((Inference::new(devices.len(), factory), model))
+}
+
+/// The name and version output records carry for a registry model.
+fn registry_model_ref(config: &Config, resolved: &ResolvedModel) -> ModelRef {
+    ModelRef {
+        name: config
+            .model
+            .name
+            .clone()
+            .unwrap_or_else(|| resolved.architecture.as_str().to_string()),
+        version: resolved.version.as_str().to_string(),
+    }
+}
+
+/// Builds a detector backend from `weights_path` on worker `index`'s device.
+fn detector_factory(config: &Config, devices: &[Device], weights_path: PathBuf, model: ModelRef) -> BackendFactory {
     let cpu_workers = devices.iter().filter(|d| **d == Device::Cpu).count().max(1);
     let threads = if config.model.threads_per_worker > 0 {
         config.model.threads_per_worker
@@ -111,10 +144,9 @@ pub fn detector_inference(config: &Config) -> Result<(Inference, ModelRef)> {
         ..Default::default()
     };
     let exact = config.model.exact;
-    let shared_model = model.clone();
-    let devices_for_factory = devices.clone();
-    let factory: BackendFactory = Arc::new(move |index| {
-        let device = devices_for_factory[index];
+    let devices = devices.to_vec();
+    Arc::new(move |index| {
+        let device = devices[index];
         if device == Device::Cpu {
             tch::set_num_threads(threads as i32);
         }
@@ -123,11 +155,63 @@ pub fn detector_inference(config: &Config) -> Result<(Inference, ModelRef)> {
             worker = index,
             device = %crate::device::device_name(device),
             architecture = detector.architecture(),
+            model = %model.name,
+            version = %model.version,
             "model loaded"
         );
-        Ok(Box::new(DetectorBackend::new(detector, shared_model.clone())) as Box<dyn InferenceBackend>)
+        Ok(Box::new(DetectorBackend::new(detector, model.clone())) as Box<dyn InferenceBackend>)
+    })
+}
+
+/// Follows `model.registry`'s production version while serving: every promotion or rollback
+/// after `current` becomes a [`ModelUpdate`] (weights downloaded and checked first), which the
+/// pipeline swaps in without stopping. `None` when no registry is configured or
+/// `model.registry_poll_interval` is 0. Call inside the runtime that runs the pipeline.
+pub async fn follow_registry(config: &Config, current: &ModelRef) -> Result<Option<mpsc::Receiver<ModelUpdate>>> {
+    let Some(location) = config.model.registry.clone() else {
+        return Ok(None);
+    };
+    let interval = config.model.registry_poll_interval;
+    if interval.is_zero() {
+        return Ok(None);
+    }
+    let registry = ModelRegistry::open(&location)?;
+    let mut watch = registry
+        .watch(interval)
+        .await
+        .with_context(|| format!("watching the model registry {location}"))?;
+    let (tx, rx) = mpsc::channel(1);
+    let config = config.clone();
+    let devices = configured_devices(&config)?;
+    let mut serving = current.version.clone();
+    tokio::spawn(async move {
+        while let Some(state) = watch.next_change().await {
+            let Some(production) = state else { continue };
+            if production.version.as_str() == serving {
+                continue;
+            }
+            let reference = production.version.as_str().to_string();
+            let resolved = match resolve_model(&registry, &reference, &config.model.registry_cache_dir).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(version = %reference, error = %format!("{e:#}"),
+                        "cannot fetch the newly promoted model; still serving the current one");
+                    continue;
+                }
+            };
+            let model = registry_model_ref(&config, &resolved);
+            tracing::info!(version = %model.version, previous = %serving, "the registry promoted a new model");
+            let update = ModelUpdate {
+                factory: detector_factory(&config, &devices, resolved.weights.clone(), model.clone()),
+                description: format!("registry version {}", model.version),
+            };
+            if tx.send(update).await.is_err() {
+                return; // the pipeline stopped
+            }
+            serving = model.version;
+        }
     });
-    Ok((Inference::new(devices.len(), factory), model))
+    Ok(Some(rx))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

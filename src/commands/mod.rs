@@ -2,11 +2,15 @@
 
 mod demo;
 mod detect;
+mod eval;
 mod info;
 mod model;
 mod publish;
+mod publish_labels;
 mod serve;
+mod synth_labels;
 mod tail;
+mod train;
 
 use std::process::ExitCode;
 
@@ -27,5 +31,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(args),
         Command::Publish(args) => publish::run(args),
         Command::Tail(args) => tail::run(args),
+        Command::Train(args) => train::run(*args),
+        Command::PublishLabels(args) => publish_labels::run(args),
+        Command::SynthLabels(args) => synth_labels::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

@@ -1,4 +1,5 @@
-//! `attrstream model import|fetch|list`: getting weights `detect` can load.
+//! `attrstream model import|fetch|list`: getting weights `detect` can load;
+//! `attrstream model registry …`: versions, promotion and rollback in the model registry.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +18,7 @@ pub fn run(args: ModelArgs) -> Result<ExitCode> {
         ModelCommand::Import(args) => run_import(args),
         ModelCommand::Fetch(args) => run_fetch(args),
         ModelCommand::List(args) => run_list(args),
+        ModelCommand::Registry(args) => registry::run(args),
     }
 }
 
@@ -125,4 +127,214 @@ fn other_weights(dir: &Path) -> Result<Vec<Row>> {
     }
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(rows)
+}
+
+/// `attrstream model registry list|show|promote|rollback|publish|download`.
+mod registry {
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    use anyhow::{bail, Context, Result};
+    use figment::providers::{Format, Toml};
+    use figment::Figment;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    use crate::cli::{
+        RegistryArgs, RegistryCommand, RegistryDownloadArgs, RegistryPromoteArgs, RegistryPublishArgs, RegistryShowArgs,
+    };
+    use crate::model::import;
+    use crate::train::registry::{
+        resolve_model, ModelRegistry, NewVersion, PromotionPolicy, VersionId, PRODUCTION_REF,
+    };
+
+    /// Opens the registry named by the arguments and runs the subcommand.
+    pub fn run(args: RegistryArgs) -> Result<ExitCode> {
+        let location = location(&args)?;
+        let mut registry = ModelRegistry::open(&location)?;
+        if let Some(by) = &args.by {
+            registry = registry.with_actor(by.clone());
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(async move {
+            match args.command {
+                RegistryCommand::List(a) => list(&registry, a.json).await,
+                RegistryCommand::Show(a) => show(&registry, a).await,
+                RegistryCommand::Promote(a) => promote(&registry, a).await,
+                RegistryCommand::Rollback(a) => {
+                    let version = VersionId::parse(&a.version)?;
+                    let production = registry.rollback(&version, a.note.as_deref()).await?;
+                    println!("{}", serde_json::to_string(&production)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                RegistryCommand::Publish(a) => publish(&registry, a).await,
+                RegistryCommand::Download(a) => download(&registry, a).await,
+            }
+        })
+    }
+
+    /// `--registry` (or its environment variable), else `model.registry` of the config file.
+    fn location(args: &RegistryArgs) -> Result<String> {
+        if let Some(location) = &args.registry {
+            return Ok(location.clone());
+        }
+        if let Some(path) = &args.config {
+            if !path.exists() {
+                bail!("config file {} not found", path.display());
+            }
+            let figment = Figment::from(Toml::file_exact(path));
+            if let Ok(value) = figment.find_value("model.registry") {
+                return value
+                    .into_string()
+                    .with_context(|| format!("model.registry in {} must be a string", path.display()));
+            }
+        }
+        bail!(
+            "no model registry given: pass --registry DIR|file:///dir|s3://bucket/prefix, set \
+             ATTRSTREAM_MODEL__REGISTRY, or set model.registry in the --config file"
+        )
+    }
+
+    fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid {what} JSON", path.display()))
+    }
+
+    /// A version id, or the production version for `production`.
+    async fn version_ref(registry: &ModelRegistry, text: &str) -> Result<VersionId> {
+        if text.trim() == PRODUCTION_REF {
+            match registry.production().await? {
+                Some(p) => Ok(p.version),
+                None => bail!("{} has no production version yet", registry.location()),
+            }
+        } else {
+            Ok(VersionId::parse(text.trim())?)
+        }
+    }
+
+    async fn list(registry: &ModelRegistry, as_json: bool) -> Result<ExitCode> {
+        let versions = registry.list().await?;
+        let production = registry.production().await?.map(|p| p.version);
+        if as_json {
+            for v in &versions {
+                println!("{}", serde_json::to_string(v)?);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if versions.is_empty() {
+            eprintln!(
+                "no versions in {}; publish one with `attrstream model registry publish --weights FILE`",
+                registry.location()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let width = versions.iter().map(|v| v.version.as_str().len()).max().unwrap_or(7);
+        println!(
+            "  {:width$}  {:16}  {:23}  {:>7}  {:>6}  {:>6}  {:12}  PARENT",
+            "VERSION", "CREATED (UTC)", "ARCHITECTURE", "CLASSES", "mAP", "AP50", "VALIDATION"
+        );
+        let metric = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
+        for v in &versions {
+            let mark = if production.as_ref() == Some(&v.version) {
+                "*"
+            } else {
+                " "
+            };
+            let fingerprint: String = v.validation_fingerprint().unwrap_or("-").chars().take(12).collect();
+            println!(
+                "{mark} {:width$}  {:16}  {:23}  {:>7}  {:>6}  {:>6}  {:12}  {}",
+                v.version.as_str(),
+                v.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                v.architecture.as_str(),
+                v.labels.len().saturating_sub(1),
+                metric(v.metrics.as_ref().map(|m| m.map)),
+                metric(v.metrics.as_ref().map(|m| m.ap50)),
+                fingerprint,
+                v.parent.as_ref().map_or("-", |p| p.as_str()),
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn show(registry: &ModelRegistry, args: RegistryShowArgs) -> Result<ExitCode> {
+        let version = version_ref(registry, &args.version).await?;
+        let manifest = registry.get(&version).await?;
+        let production = registry.production().await?;
+        let decisions = registry.decisions(Some(&version)).await?;
+        let is_production = production.as_ref().is_some_and(|p| p.version == version);
+        let shown = json!({
+            "manifest": manifest,
+            "production": is_production,
+            "production_record": production.filter(|_| is_production),
+            "decisions": decisions,
+        });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn promote(registry: &ModelRegistry, args: RegistryPromoteArgs) -> Result<ExitCode> {
+        let version = VersionId::parse(&args.version)?;
+        let policy = PromotionPolicy {
+            force: args.force,
+            metric: args.metric,
+            min_improvement: args.min_improvement,
+            note: args.note,
+        };
+        let decision = registry.promote(&version, &policy).await?;
+        println!("{}", serde_json::to_string(&decision)?);
+        if decision.promoted {
+            eprintln!("promoted {version}: {}", decision.reason);
+            Ok(ExitCode::SUCCESS)
+        } else {
+            eprintln!("not promoted: {}", decision.reason);
+            Ok(ExitCode::from(1))
+        }
+    }
+
+    async fn publish(registry: &ModelRegistry, args: RegistryPublishArgs) -> Result<ExitCode> {
+        let mut candidate = NewVersion::new(&args.weights);
+        candidate.architecture = args.architecture;
+        candidate.labels = args.labels.as_deref().map(import::read_labels).transpose()?;
+        candidate.parent = args.parent.as_deref().map(VersionId::parse).transpose()?;
+        candidate.metrics = args.metrics.as_deref().map(|p| read_json(p, "metrics")).transpose()?;
+        candidate.parent_metrics = args
+            .parent_metrics
+            .as_deref()
+            .map(|p| read_json(p, "parent metrics"))
+            .transpose()?;
+        candidate.training_config = args
+            .training_config
+            .as_deref()
+            .map(|p| read_json(p, "training config"))
+            .transpose()?;
+        candidate.training_data = args
+            .training_data
+            .as_deref()
+            .map(|p| read_json(p, "training data"))
+            .transpose()?;
+        candidate.notes = args.notes;
+        let version = registry.publish(candidate).await?;
+        let manifest = registry.get(&version).await?;
+        println!("{}", serde_json::to_string(&manifest)?);
+        eprintln!("published {version} to {}", registry.location());
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn download(registry: &ModelRegistry, args: RegistryDownloadArgs) -> Result<ExitCode> {
+        let resolved = resolve_model(registry, &args.version, &args.cache_dir).await?;
+        println!(
+            "{}",
+            json!({
+                "version": resolved.version,
+                "weights": resolved.weights,
+                "sha256": resolved.manifest.weights.sha256,
+                "architecture": resolved.architecture,
+                "classes": resolved.labels.len().saturating_sub(1),
+            })
+        );
+        Ok(ExitCode::SUCCESS)
+    }
 }

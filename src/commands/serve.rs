@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::cli::ServeArgs;
 use crate::config::redact;
-use crate::serve::{detector_inference, load_config, runtime, shutdown_signal};
+use crate::serve::{detector_inference, follow_registry, load_config, runtime, shutdown_signal};
 
 /// Loads the configuration, starts the workers and runs the pipeline until a signal.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -31,9 +31,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         options = ?redact(&config.kafka.options),
         "starting"
     );
-    let (inference, model) = detector_inference(&config)?;
+    let (mut inference, model) = detector_inference(&config)?;
     tracing::info!(model = %model.name, version = %model.version, workers = inference.workers, "model");
-    let report = runtime()?.block_on(crate::pipeline::run(config, inference, shutdown_signal()))?;
+    let report = runtime()?.block_on(async {
+        inference.updates = follow_registry(&config, &model).await?;
+        crate::pipeline::run(config, inference, shutdown_signal()).await
+    })?;
     tracing::info!(
         consumed = report.consumed,
         produced = report.produced,

@@ -3,6 +3,7 @@
 //! embeds those files at build time.
 
 pub mod codec;
+pub mod labelled;
 pub mod registry;
 pub mod types;
 pub mod wire;

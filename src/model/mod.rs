@@ -1,7 +1,7 @@
 //! Detection models and the pieces they share.
 //!
 //! * [`ops`]: nms, batched nms, roi_align, box coding, IoU (torchvision semantics).
-//! * [`faster_rcnn`]: Faster R-CNN ResNet-50 FPN, equal to torchvision's.
+//! * [`faster_rcnn`]: Faster R-CNN ResNet-50 FPN, equal to torchvision's in inference and training losses.
 //! * [`ssd_mobilenet_v2`]: SSD MobileNetV2 from the TF Object Detection API (offline default).
 //! * [`weights`]: safetensors loading with key/shape checks, and weight metadata.
 //! * [`labels`]: the COCO label map.

@@ -232,6 +232,158 @@ pub fn roi_align(
     output
 }
 
+/// RoIAlign for training: the values of [`roi_align`] (torchvision's), with a gradient with
+/// respect to `input` whose memory is proportional to the input, not to the RoI count.
+///
+/// [`roi_align`] samples a per-RoI view of the feature map with `grid_sampler_2d`, whose
+/// backward materializes a full feature-map gradient for every RoI: far too much for the
+/// hundreds of RoIs of a training step. Here each bin is a weighted sum of feature-map
+/// pixels: every sample's four bilinear neighbours with torchvision's weights (zero for a
+/// sample more than one pixel outside the map), divided by the sample count. One
+/// `embedding_bag` per bin-grid size computes the sums over the map laid out as
+/// `[N * H * W, C]` rows, and its backward scatters into a single map, exactly like
+/// torchvision's `roi_align` backward. Arguments and result are those of [`roi_align`];
+/// `rois` get no gradient (torchvision gives them none either). `tests/parity_training.rs`
+/// checks values and input gradients against `torchvision.ops.roi_align`.
+pub fn roi_align_for_training(
+    input: &Tensor,
+    rois: &Tensor,
+    (pooled_h, pooled_w): (i64, i64),
+    spatial_scale: f64,
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
+    let (n, c, height, width) = input.size4().unwrap_or((0, 0, 0, 0));
+    let k = rois.size()[0];
+    let device = input.device();
+    let kind = input.kind();
+    let output = Tensor::zeros([k, c, pooled_h, pooled_w], (kind, device));
+    if k == 0 || n == 0 || height == 0 || width == 0 {
+        return output;
+    }
+    let rois = rois.detach().to_kind(kind);
+    let offset = if aligned { 0.5 } else { 0.0 };
+    let start_w = rois.select(1, 1) * spatial_scale - offset;
+    let start_h = rois.select(1, 2) * spatial_scale - offset;
+    let end_w = rois.select(1, 3) * spatial_scale - offset;
+    let end_h = rois.select(1, 4) * spatial_scale - offset;
+    let mut roi_w = &end_w - &start_w;
+    let mut roi_h = &end_h - &start_h;
+    if !aligned {
+        roi_w = roi_w.clamp_min(1.0);
+        roi_h = roi_h.clamp_min(1.0);
+    }
+    let geometry = RoiGeometry {
+        start_h,
+        start_w,
+        bin_h: &roi_h / pooled_h as f64,
+        bin_w: &roi_w / pooled_w as f64,
+    };
+    // Row of pixel (b, y, x) in the embedding table: (b * H + y) * W + x.
+    let table = input.permute([0, 2, 3, 1]).reshape([n * height * width, c]);
+    let image_base = rois.select(1, 0).to_kind(Kind::Int64) * (height * width);
+
+    let to_vec = |t: Tensor| Vec::<i64>::try_from(&t.to_device(Device::Cpu)).unwrap_or_default();
+    let (grid_h, grid_w) = if sampling_ratio > 0 {
+        (vec![sampling_ratio; k as usize], vec![sampling_ratio; k as usize])
+    } else {
+        (
+            to_vec((&roi_h / pooled_h as f64).ceil().to_kind(Kind::Int64)),
+            to_vec((&roi_w / pooled_w as f64).ceil().to_kind(Kind::Int64)),
+        )
+    };
+    let mut groups: std::collections::BTreeMap<(i64, i64), Vec<i64>> = Default::default();
+    for i in 0..k as usize {
+        // A grid of zero samples (an empty, aligned RoI) pools to zero, as in torchvision.
+        if grid_h[i] > 0 && grid_w[i] > 0 {
+            groups.entry((grid_h[i], grid_w[i])).or_default().push(i as i64);
+        }
+    }
+    for ((gh, gw), members) in groups {
+        let index = Tensor::from_slice(&members).to_device(device);
+        let g = geometry.select(&index);
+        let m = members.len() as i64;
+        // Per axis: neighbour indices, weights and validity, [m, pooled, grid].
+        let ys = BilinearAxis::new(&sample_positions(&g.start_h, &g.bin_h, pooled_h, gh), height);
+        let xs = BilinearAxis::new(&sample_positions(&g.start_w, &g.bin_w, pooled_w, gw), width);
+        // Broadcast to [m, pooled_h, pooled_w, grid_h, grid_w]: bins, then samples in
+        // torchvision's order (iy outer, ix inner), then the four corners.
+        let y = |t: &Tensor| t.reshape([m, pooled_h, 1, gh, 1]);
+        let x = |t: &Tensor| t.reshape([m, 1, pooled_w, 1, gw]);
+        let base = image_base.index_select(0, &index).view([m, 1, 1, 1, 1]);
+        let row = |yi: &Tensor, xi: &Tensor| &base + y(yi) * width + x(xi);
+        let valid = y(&ys.valid) * x(&xs.valid);
+        let indices = Tensor::stack(
+            &[
+                row(&ys.low, &xs.low),
+                row(&ys.low, &xs.high),
+                row(&ys.high, &xs.low),
+                row(&ys.high, &xs.high),
+            ],
+            5,
+        );
+        let weights = Tensor::stack(
+            &[
+                y(&ys.w_low) * x(&xs.w_low),
+                y(&ys.w_low) * x(&xs.w_high),
+                y(&ys.w_high) * x(&xs.w_low),
+                y(&ys.w_high) * x(&xs.w_high),
+            ],
+            5,
+        ) * valid.unsqueeze(5);
+        let bag = gh * gw * 4;
+        let bags = m * pooled_h * pooled_w;
+        let offsets = Tensor::arange(bags, (Kind::Int64, device)) * bag;
+        let (sums, _, _, _) = Tensor::embedding_bag(
+            &table,
+            &indices.reshape([-1]),
+            &offsets,
+            false,
+            0, // sum
+            false,
+            Some(weights.reshape([-1])),
+            false,
+        );
+        let pooled = (sums / (gh * gw) as f64)
+            .view([m, pooled_h, pooled_w, c])
+            .permute([0, 3, 1, 2]);
+        let _ = output.shallow_clone().index_copy_(0, &index, &pooled);
+    }
+    output
+}
+
+/// Bilinear interpolation along one axis, as torchvision's `bilinear_interpolate`: for
+/// sample coordinates `[m, pooled * grid]`, the low and high neighbour indices, their
+/// weights, and whether the sample lies within one pixel of the map (1.0) or not (0.0).
+struct BilinearAxis {
+    low: Tensor,
+    high: Tensor,
+    w_low: Tensor,
+    w_high: Tensor,
+    valid: Tensor,
+}
+
+impl BilinearAxis {
+    fn new(v: &Tensor, size: i64) -> Self {
+        let valid = v.ge(-1.0).logical_and(&v.le(size as f64)).to_kind(v.kind());
+        let v = v.clamp_min(0.0);
+        let low = v.floor().clamp_max((size - 1) as f64);
+        let at_edge = low.ge((size - 1) as f64);
+        // At the last pixel both neighbours are that pixel and the coordinate snaps to it.
+        let v = v.where_self(&at_edge.logical_not(), &low);
+        let high = (&low + 1.0).clamp_max((size - 1) as f64);
+        let w_high = &v - &low;
+        let w_low = w_high.ones_like() - &w_high;
+        Self {
+            low: low.to_kind(Kind::Int64),
+            high: high.to_kind(Kind::Int64),
+            w_low,
+            w_high,
+            valid,
+        }
+    }
+}
+
 /// Per-RoI bin geometry in feature coordinates, `[K]` each.
 struct RoiGeometry {
     start_h: Tensor,

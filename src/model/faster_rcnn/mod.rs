@@ -4,18 +4,28 @@
 //! One file per part, named as in torchvision: [`transform`], [`backbone`] (ResNet-50 body),
 //! [`fpn`], [`anchors`], [`rpn`], [`roi_heads`]. Variable paths equal torchvision's
 //! state-dict keys, so a torchvision state dict converted to safetensors loads unchanged.
+//! Training: [`training`] (the losses), [`sampling`] (matcher and balanced sampler),
+//! [`fine_tune`] (frozen layers, a new label set, trainable variables).
 
 pub mod anchors;
 pub mod backbone;
 pub mod config;
+pub mod fine_tune;
 pub mod fpn;
 pub mod roi_heads;
 pub mod rpn;
+pub mod sampling;
+pub mod training;
 pub mod transform;
 
 use tch::{nn, Tensor};
 
 pub use config::FasterRcnnConfig;
+pub use fine_tune::{
+    freeze_backbone_layers, trainable_variables, FineTuneError, FineTuneReport, DEFAULT_TRAINABLE_BACKBONE_LAYERS,
+};
+pub use sampling::Sampler;
+pub use training::{SamplingStats, Target, TrainingError, TrainingLosses};
 
 use anchors::{AnchorGenerator, DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS};
 use backbone::{ResNetBody, RESNET50_STAGE_CHANNELS};

@@ -1,10 +1,17 @@
-//! Box branch at inference: multi-scale RoIAlign, two-MLP head, predictor and
-//! post-processing, as torchvision's `MultiScaleRoIAlign`, `TwoMLPHead`,
-//! `FastRCNNPredictor` and `RoIHeads.postprocess_detections`.
+//! Box branch: multi-scale RoIAlign, two-MLP head, predictor and post-processing, as
+//! torchvision's `MultiScaleRoIAlign`, `TwoMLPHead`, `FastRCNNPredictor` and
+//! `RoIHeads.postprocess_detections`; for training, proposal sampling and the classifier and
+//! box losses (`RoIHeads.select_training_samples`, `fastrcnn_loss`).
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Kind, Reduction, Tensor};
 
+use super::rpn::SMOOTH_L1_BETA;
+use super::sampling::{Matcher, Sampler, StageStats, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::model::ops::{self, BoxCoder};
+
+/// An RoIAlign implementation: [`ops::roi_align`] (inference) or
+/// [`ops::roi_align_for_training`] (same values, a memory-light backward).
+pub type RoiAlignFn = fn(&Tensor, &Tensor, (i64, i64), f64, i64, bool) -> Tensor;
 
 /// RoIAlign output side (7x7 bins).
 pub const ROI_OUTPUT_SIZE: i64 = 7;
@@ -38,6 +45,16 @@ impl LevelMapper {
 
 /// RoIAlign over FPN levels "0".."3", each RoI from the level its size maps to.
 pub fn multiscale_roi_align(features: &[Tensor], proposals: &[Tensor], image_sizes: &[(i64, i64)]) -> Tensor {
+    multiscale_roi_align_with(features, proposals, image_sizes, ops::roi_align)
+}
+
+/// [`multiscale_roi_align`] with a chosen RoIAlign implementation.
+pub fn multiscale_roi_align_with(
+    features: &[Tensor],
+    proposals: &[Tensor],
+    image_sizes: &[(i64, i64)],
+    align: RoiAlignFn,
+) -> Tensor {
     let max_h = image_sizes.iter().map(|s| s.0).max().unwrap_or(1);
     // torchvision infers each level's scale as the power of two nearest to
     // feature height / largest image height.
@@ -70,7 +87,7 @@ pub fn multiscale_roi_align(features: &[Tensor], proposals: &[Tensor], image_siz
         if idx.size()[0] == 0 {
             continue;
         }
-        let pooled = ops::roi_align(
+        let pooled = align(
             feature,
             &rois.index_select(0, &idx),
             (ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE),
@@ -113,11 +130,21 @@ pub struct FastRcnnPredictor {
 }
 
 impl FastRcnnPredictor {
-    /// Creates the predictor under `p` (torchvision `roi_heads.box_predictor`).
+    /// Creates the predictor under `p` (torchvision `roi_heads.box_predictor`), initialised
+    /// as torchvision's `nn.Linear` (weights and biases uniform in `±1/sqrt(in_features)`),
+    /// which is what a new label set starts from when fine-tuning.
     pub fn new(p: &nn::Path, in_features: i64, num_classes: i64) -> Self {
+        // kaiming_uniform_(a = sqrt(5)) bounds the weights at 1/sqrt(fan_in), as the bias.
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let init = nn::Init::Uniform { lo: -bound, up: bound };
+        let cfg = nn::LinearConfig {
+            ws_init: init,
+            bs_init: Some(init),
+            bias: true,
+        };
         Self {
-            cls_score: nn::linear(p / "cls_score", in_features, num_classes, Default::default()),
-            bbox_pred: nn::linear(p / "bbox_pred", in_features, num_classes * 4, Default::default()),
+            cls_score: nn::linear(p / "cls_score", in_features, num_classes, cfg),
+            bbox_pred: nn::linear(p / "bbox_pred", in_features, num_classes * 4, cfg),
         }
     }
 
@@ -225,6 +252,133 @@ impl RoiHeads {
                 RawDetections { boxes, scores, labels }
             })
             .collect()
+    }
+}
+
+/// How the box head picks proposals for its losses (torchvision's `RoIHeads` training
+/// arguments; defaults in [`super::FasterRcnnConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BoxTrainingConfig {
+    /// Proposal matching: foreground at IoU >= 0.5, background below 0.5, no low-quality
+    /// matches.
+    pub matcher: Matcher,
+    /// Proposals sampled per image (512).
+    pub batch_size_per_image: i64,
+    /// Fraction of them that may be positive (0.25).
+    pub positive_fraction: f64,
+}
+
+/// The box head's training losses for a batch.
+#[derive(Debug)]
+pub struct BoxLosses {
+    /// Cross-entropy of the sampled proposals' class logits (torchvision `loss_classifier`).
+    pub classifier: Tensor,
+    /// Smooth L1 of the positive proposals' deltas for their ground-truth class, summed and
+    /// divided by the number of sampled proposals (torchvision `loss_box_reg`).
+    pub box_reg: Tensor,
+    /// Per image: proposals (ground-truth boxes included) available and sampled.
+    pub stats: Vec<StageStats>,
+}
+
+/// The proposals of one image chosen for the losses, with their targets.
+struct SampledProposals {
+    boxes: Tensor,
+    labels: Tensor,
+    matched_gt_boxes: Tensor,
+    stats: StageStats,
+}
+
+impl RoiHeads {
+    /// The classifier and box-regression losses for (detached) RPN `proposals` against
+    /// ground-truth boxes `[M_i, 4]` (resized-image coordinates) and labels `[M_i]` (int64,
+    /// `1..num_classes`) per image, as torchvision's `RoIHeads.forward` in training. The
+    /// ground-truth boxes join the proposals; an image without boxes contributes background
+    /// samples only.
+    pub fn losses(
+        &self,
+        features: &[Tensor],
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+        gt: (&[Tensor], &[Tensor]),
+        cfg: BoxTrainingConfig,
+        sampler: &mut Sampler,
+    ) -> BoxLosses {
+        let (gt_boxes, gt_labels) = gt;
+        let samples: Vec<SampledProposals> = proposals
+            .iter()
+            .zip(gt_boxes.iter().zip(gt_labels))
+            .map(|(p, (boxes, labels))| sample_proposals(p, boxes, labels, cfg, sampler))
+            .collect();
+        let boxes: Vec<Tensor> = samples.iter().map(|s| s.boxes.shallow_clone()).collect();
+        let matched: Vec<&Tensor> = samples.iter().map(|s| &s.matched_gt_boxes).collect();
+        let regression_targets = self
+            .box_coder
+            .encode(&Tensor::cat(&matched, 0), &Tensor::cat(&boxes, 0));
+        let labels = Tensor::cat(&samples.iter().map(|s| &s.labels).collect::<Vec<_>>(), 0);
+
+        let pooled = multiscale_roi_align_with(&features[..4], &boxes, image_sizes, ops::roi_align_for_training);
+        let hidden = self.box_head.forward(&pooled);
+        let (class_logits, box_regression) = self.box_predictor.forward(&hidden);
+
+        let classifier = class_logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
+        let positive = labels.gt(0).nonzero().select(1, 0);
+        let num_classes = class_logits.size()[1];
+        // Row (proposal, ground-truth class) of the [K * num_classes, 4] deltas.
+        let rows = &positive * num_classes + labels.index_select(0, &positive);
+        let box_reg = box_regression.reshape([-1, 4]).index_select(0, &rows).smooth_l1_loss(
+            &regression_targets.index_select(0, &positive),
+            Reduction::Sum,
+            SMOOTH_L1_BETA,
+        ) / labels.size()[0] as f64;
+        BoxLosses {
+            classifier,
+            box_reg,
+            stats: samples.into_iter().map(|s| s.stats).collect(),
+        }
+    }
+}
+
+/// Adds the ground-truth boxes to one image's proposals, labels them by their best match
+/// and samples them (torchvision's `add_gt_proposals`, `assign_targets_to_proposals`,
+/// `subsample`).
+fn sample_proposals(
+    proposals: &Tensor,
+    gt_boxes: &Tensor,
+    gt_labels: &Tensor,
+    cfg: BoxTrainingConfig,
+    sampler: &mut Sampler,
+) -> SampledProposals {
+    let device = proposals.device();
+    let gt_boxes = gt_boxes.to_kind(proposals.kind());
+    let proposals = Tensor::cat(&[proposals, &gt_boxes], 0);
+    let n = proposals.size()[0];
+    let (matched_idxs, labels) = if gt_boxes.size()[0] == 0 {
+        (
+            Tensor::zeros([n], (Kind::Int64, device)),
+            Tensor::zeros([n], (Kind::Int64, device)),
+        )
+    } else {
+        let matches = cfg.matcher.matches(&ops::box_iou(&gt_boxes, &proposals));
+        let clamped = matches.clamp_min(0);
+        let labels = gt_labels
+            .index_select(0, &clamped)
+            .to_kind(Kind::Int64)
+            .masked_fill(&matches.eq(BELOW_LOW_THRESHOLD), 0)
+            .masked_fill(&matches.eq(BETWEEN_THRESHOLDS), -1);
+        (clamped, labels)
+    };
+    let sampled = sampler.sample(&labels, cfg.batch_size_per_image, cfg.positive_fraction);
+    let keep = sampled.positive.logical_or(&sampled.negative).nonzero().select(1, 0);
+    let gt_or_placeholder = if gt_boxes.size()[0] == 0 {
+        Tensor::zeros([1, 4], (proposals.kind(), device))
+    } else {
+        gt_boxes
+    };
+    SampledProposals {
+        boxes: proposals.index_select(0, &keep),
+        labels: labels.index_select(0, &keep),
+        matched_gt_boxes: gt_or_placeholder.index_select(0, &matched_idxs.index_select(0, &keep)),
+        stats: sampled.stats,
     }
 }
 

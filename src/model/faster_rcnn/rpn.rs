@@ -1,11 +1,16 @@
-//! Region Proposal Network at inference, as torchvision's `RPNHead` and
-//! `RegionProposalNetwork.filter_proposals`.
+//! Region Proposal Network, as torchvision's `RPNHead` and `RegionProposalNetwork`:
+//! proposals (`filter_proposals`) and, for training, the objectness and box losses
+//! (`assign_targets_to_anchors`, `compute_loss`).
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Kind, Reduction, Tensor};
 
 use super::anchors::AnchorGenerator;
 use super::roi_heads::select3;
+use super::sampling::{Matcher, Sampler, StageStats, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::model::ops::{self, BoxCoder};
+
+/// `beta` of the smooth L1 box losses of both stages (torchvision's `1 / 9`).
+pub const SMOOTH_L1_BETA: f64 = 1.0 / 9.0;
 
 /// Smallest proposal side kept (torchvision `RegionProposalNetwork.min_size`).
 const MIN_PROPOSAL_SIZE: f64 = 1e-3;
@@ -170,5 +175,98 @@ impl RegionProposalNetwork {
                 boxes.index_select(0, &keep)
             })
             .collect()
+    }
+}
+
+/// How the RPN picks anchors for its losses (torchvision's `RegionProposalNetwork` training
+/// arguments; defaults in [`super::FasterRcnnConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RpnTrainingConfig {
+    /// Anchor matching: foreground at IoU >= 0.7, background below 0.3, low-quality
+    /// matches allowed.
+    pub matcher: Matcher,
+    /// Anchors sampled per image (256).
+    pub batch_size_per_image: i64,
+    /// Fraction of them that may be positive (0.5).
+    pub positive_fraction: f64,
+}
+
+/// The RPN's training losses for a batch.
+#[derive(Debug)]
+pub struct RpnLosses {
+    /// Binary cross-entropy of the sampled anchors' objectness logits (torchvision
+    /// `loss_objectness`).
+    pub objectness: Tensor,
+    /// Smooth L1 of the positive anchors' deltas, summed and divided by the number of
+    /// sampled anchors (torchvision `loss_rpn_box_reg`).
+    pub box_reg: Tensor,
+    /// Per image: anchors available and sampled.
+    pub stats: Vec<StageStats>,
+}
+
+impl RegionProposalNetwork {
+    /// The objectness and box-regression losses of a forward pass ([`RegionProposalNetwork::forward`]
+    /// run with gradients) against ground-truth boxes `[M_i, 4]` per image, in resized-image
+    /// coordinates. An image without boxes contributes background anchors only.
+    pub fn losses(
+        &self,
+        output: &RpnOutput,
+        gt_boxes: &[Tensor],
+        cfg: RpnTrainingConfig,
+        sampler: &mut Sampler,
+    ) -> RpnLosses {
+        let anchors = &output.anchors;
+        let num_anchors = anchors.size()[0];
+        let device = anchors.device();
+        let mut labels = Vec::with_capacity(gt_boxes.len());
+        let mut matched_gt_boxes = Vec::with_capacity(gt_boxes.len());
+        for gt in gt_boxes {
+            if gt.size()[0] == 0 {
+                // Background image: every anchor is a negative.
+                labels.push(Tensor::zeros([num_anchors], (Kind::Float, device)));
+                matched_gt_boxes.push(Tensor::zeros([num_anchors, 4], (Kind::Float, device)));
+                continue;
+            }
+            let matches = cfg.matcher.matches(&ops::box_iou(gt, anchors));
+            matched_gt_boxes.push(gt.index_select(0, &matches.clamp_min(0)));
+            let image_labels = matches
+                .ge(0)
+                .to_kind(Kind::Float)
+                .masked_fill(&matches.eq(BELOW_LOW_THRESHOLD), 0.0)
+                .masked_fill(&matches.eq(BETWEEN_THRESHOLDS), -1.0);
+            labels.push(image_labels);
+        }
+        let all_anchors = anchors.repeat([gt_boxes.len() as i64, 1]);
+        let regression_targets = self.box_coder.encode(&Tensor::cat(&matched_gt_boxes, 0), &all_anchors);
+
+        let mut positive_masks = Vec::with_capacity(labels.len());
+        let mut negative_masks = Vec::with_capacity(labels.len());
+        let mut stats = Vec::with_capacity(labels.len());
+        for image_labels in &labels {
+            let sampled = sampler.sample(image_labels, cfg.batch_size_per_image, cfg.positive_fraction);
+            positive_masks.push(sampled.positive);
+            negative_masks.push(sampled.negative);
+            stats.push(sampled.stats);
+        }
+        let positive = Tensor::cat(&positive_masks, 0).nonzero().select(1, 0);
+        let negative = Tensor::cat(&negative_masks, 0).nonzero().select(1, 0);
+        let sampled = Tensor::cat(&[&positive, &negative], 0);
+        let labels = Tensor::cat(&labels, 0);
+
+        let box_reg = output.pred_bbox_deltas.index_select(0, &positive).smooth_l1_loss(
+            &regression_targets.index_select(0, &positive),
+            Reduction::Sum,
+            SMOOTH_L1_BETA,
+        ) / sampled.size()[0] as f64;
+        let objectness = output
+            .objectness
+            .flatten(0, -1)
+            .index_select(0, &sampled)
+            .binary_cross_entropy_with_logits::<Tensor>(&labels.index_select(0, &sampled), None, None, Reduction::Mean);
+        RpnLosses {
+            objectness,
+            box_reg,
+            stats,
+        }
     }
 }

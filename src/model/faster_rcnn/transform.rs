@@ -1,6 +1,7 @@
-//! Input transform, as torchvision's `GeneralizedRCNNTransform` at inference: normalize,
-//! resize so the short side is `min_size` (long side at most `max_size`), zero-pad a batch to
-//! a multiple of `size_divisible`, and map detected boxes back to the original image size.
+//! Input transform, as torchvision's `GeneralizedRCNNTransform`: normalize, resize so the
+//! short side is `min_size` (long side at most `max_size`), zero-pad a batch to a multiple of
+//! `size_divisible`, scale training targets with their images, and map detected boxes back
+//! to the original image size.
 
 use tch::{Kind, Tensor};
 
@@ -87,6 +88,16 @@ impl Transform {
             tensors.get(i as i64).narrow(1, 0, h).narrow(2, 0, w).copy_(img);
         }
         ImageBatch { tensors, image_sizes }
+    }
+
+    /// Scales `[N, 4]` ground-truth boxes from an image's original `(height, width)` to its
+    /// resized size, as torchvision's `resize_boxes` does to training targets (float32
+    /// ratios `resized / original`).
+    pub fn resize_boxes(boxes: &Tensor, original: (i64, i64), resized: (i64, i64)) -> Tensor {
+        let ratio_h = resized.0 as f32 / original.0 as f32;
+        let ratio_w = resized.1 as f32 / original.1 as f32;
+        let ratios = Tensor::from_slice(&[ratio_w, ratio_h, ratio_w, ratio_h]).to_device(boxes.device());
+        boxes * ratios.view([1, 4])
     }
 
     /// Scales `[N, 4]` boxes from a resized size back to the original size, with

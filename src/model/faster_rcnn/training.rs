@@ -1,0 +1,355 @@
+//! The training forward pass: the four Faster R-CNN losses of a batch of labelled images,
+//! equal to torchvision 0.28's `FasterRCNN` in training mode (`GeneralizedRCNN.forward` with
+//! targets): targets resized with their images, RPN losses on sampled anchors, proposals
+//! (detached) plus ground-truth boxes sampled for the box head's losses.
+//!
+//! Fine-tuning setup (frozen layers, a new label set) lives in [`super::fine_tune`].
+
+use tch::{Device, Kind, Tensor};
+
+use super::roi_heads::BoxTrainingConfig;
+use super::rpn::{ProposalLimits, RpnTrainingConfig};
+use super::sampling::{Matcher, Sampler, StageStats};
+use super::transform::Transform;
+use super::FasterRcnn;
+
+/// The objects annotated in one training image.
+#[derive(Debug)]
+pub struct Target {
+    /// `[N, 4]` float boxes `(x1, y1, x2, y2)` in the original image's pixels, with
+    /// `x2 > x1` and `y2 > y1`. `N` may be 0 (an image without objects).
+    pub boxes: Tensor,
+    /// `[N]` int64 class indices in `1..num_classes` (0 is the background).
+    pub labels: Tensor,
+}
+
+impl Target {
+    /// A target from boxes `(x1, y1, x2, y2)` in pixels and their class indices.
+    pub fn new(boxes: &[[f32; 4]], labels: &[i64]) -> Self {
+        let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+        Self {
+            boxes: Tensor::from_slice(&flat).view([-1, 4]),
+            labels: Tensor::from_slice(labels),
+        }
+    }
+
+    /// The target of an image without objects: it trains the detector on background.
+    pub fn empty() -> Self {
+        Self::new(&[], &[])
+    }
+}
+
+/// What the balanced samplers took in a training step, per image (for logging and tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SamplingStats {
+    /// RPN anchors per image.
+    pub rpn: Vec<StageStats>,
+    /// Box-head proposals per image (ground-truth boxes included).
+    pub roi: Vec<StageStats>,
+}
+
+/// The four losses of a training step, scalar tensors with gradients, named as torchvision's
+/// loss dict without the `loss_` prefix.
+#[derive(Debug)]
+pub struct TrainingLosses {
+    /// Box-head classification (`loss_classifier`).
+    pub classifier: Tensor,
+    /// Box-head box regression (`loss_box_reg`).
+    pub box_reg: Tensor,
+    /// RPN objectness (`loss_objectness`).
+    pub objectness: Tensor,
+    /// RPN box regression (`loss_rpn_box_reg`).
+    pub rpn_box_reg: Tensor,
+    /// What was sampled.
+    pub sampling: SamplingStats,
+}
+
+impl TrainingLosses {
+    /// The sum of the four losses, what torchvision's reference training script
+    /// back-propagates.
+    pub fn total(&self) -> Tensor {
+        &self.classifier + &self.box_reg + &self.objectness + &self.rpn_box_reg
+    }
+
+    /// The four values with torchvision's names, for logging (copies them to the CPU).
+    pub fn values(&self) -> [(&'static str, f64); 4] {
+        let v = |t: &Tensor| t.detach().double_value(&[]);
+        [
+            ("loss_classifier", v(&self.classifier)),
+            ("loss_box_reg", v(&self.box_reg)),
+            ("loss_objectness", v(&self.objectness)),
+            ("loss_rpn_box_reg", v(&self.rpn_box_reg)),
+        ]
+    }
+}
+
+/// Why a training step could not run. Each message says what to fix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainingError {
+    /// The model was switched to the fused inference path.
+    #[error("the model was optimized for inference (fused batch norm, channels-last): build it without `optimize_for_inference` to train it")]
+    OptimizedForInference,
+    /// No images.
+    #[error("a training step needs at least one image")]
+    NoImages,
+    /// Images and targets do not pair up.
+    #[error("{images} image(s) but {targets} target(s): give one target per image (`Target::empty()` for an image without objects)")]
+    CountMismatch {
+        /// Number of images.
+        images: usize,
+        /// Number of targets.
+        targets: usize,
+    },
+    /// An image is not a `[3, H, W]` float tensor.
+    #[error("image {index} has shape {shape:?} and kind {kind}: expected a [3, H, W] float tensor in [0, 1] (see `preprocess::to_tensor`)")]
+    BadImage {
+        /// Position in the batch.
+        index: usize,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// Its element kind.
+        kind: String,
+    },
+    /// A target's tensors have the wrong shape or kind.
+    #[error("target {index}: {reason}")]
+    BadTarget {
+        /// Position in the batch.
+        index: usize,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// A box is empty, inverted or not finite (torchvision refuses those too).
+    #[error("target {index}: box {box_index} {coordinates:?} (after resizing to the model's input size) needs x2 > x1 and y2 > y1 with finite values; fix or drop it")]
+    DegenerateBox {
+        /// Position in the batch.
+        index: usize,
+        /// Row of the box.
+        box_index: i64,
+        /// Its coordinates after resizing.
+        coordinates: Vec<f64>,
+    },
+    /// A training setting is out of range.
+    #[error("invalid Faster R-CNN training config: {0}")]
+    Config(String),
+}
+
+impl FasterRcnn {
+    /// The training losses of a batch: `images` are `[3, H, W]` float RGB in `[0, 1]` on the
+    /// model's device (sizes may differ), `targets` one per image in original-image pixels.
+    /// Sampling follows `sampling` ([`Sampler::random`] to train, [`Sampler::first_k`] for
+    /// a deterministic step).
+    ///
+    /// Runs with gradients enabled whatever the caller's grad mode. Back-propagate
+    /// [`TrainingLosses::total`]; only variables left trainable by
+    /// [`super::fine_tune::freeze_backbone_layers`] receive gradients (proposals are
+    /// detached, batch norm is frozen). The model must not have been
+    /// [optimized for inference](FasterRcnn::optimize_for_inference).
+    pub fn training_losses(
+        &self,
+        images: &[Tensor],
+        targets: &[Target],
+        sampling: &mut Sampler,
+    ) -> Result<TrainingLosses, TrainingError> {
+        if self.channels_last {
+            return Err(TrainingError::OptimizedForInference);
+        }
+        check_training_config(&self.cfg)?;
+        check_inputs(images, targets, self.cfg.num_classes)?;
+        tch::with_grad(|| self.losses_unchecked(images, targets, sampling))
+    }
+
+    fn losses_unchecked(
+        &self,
+        images: &[Tensor],
+        targets: &[Target],
+        sampler: &mut Sampler,
+    ) -> Result<TrainingLosses, TrainingError> {
+        let device = images[0].device();
+        // torchvision's transform draws a random training size per image from libtorch's CPU
+        // generator (`torch_choice` over its one `min_size`). Drawing the same numbers keeps
+        // the generator in step with torchvision's, so a step seeded with `tch::manual_seed`
+        // samples what torchvision samples after `torch.manual_seed` with the same seed.
+        for _ in images {
+            let _ = Tensor::empty([1], (Kind::Float, Device::Cpu)).uniform_(0.0, 1.0);
+        }
+        let batch = self.transform.batch(images);
+        let mut gt_boxes = Vec::with_capacity(targets.len());
+        let mut gt_labels = Vec::with_capacity(targets.len());
+        for (index, (target, (image, &resized))) in
+            targets.iter().zip(images.iter().zip(&batch.image_sizes)).enumerate()
+        {
+            let original = (image.size()[1], image.size()[2]);
+            let boxes = target.boxes.to_device(device).to_kind(Kind::Float).reshape([-1, 4]);
+            let boxes = Transform::resize_boxes(&boxes, original, resized);
+            check_boxes(index, &boxes)?;
+            gt_boxes.push(boxes);
+            gt_labels.push(target.labels.to_device(device).to_kind(Kind::Int64).reshape([-1]));
+        }
+        let padded = (batch.tensors.size()[2], batch.tensors.size()[3]);
+        let features = self.fpn.forward(&self.body.forward(&batch.tensors));
+        let cfg = &self.cfg;
+        let limits = ProposalLimits {
+            pre_nms_top_n: cfg.rpn_pre_nms_top_n_train,
+            post_nms_top_n: cfg.rpn_post_nms_top_n_train,
+            nms_thresh: cfg.rpn_nms_thresh,
+            score_thresh: cfg.rpn_score_thresh,
+        };
+        let rpn_output = self.rpn.forward(&features, padded, &batch.image_sizes, limits);
+        let rpn = self.rpn.losses(
+            &rpn_output,
+            &gt_boxes,
+            RpnTrainingConfig {
+                matcher: Matcher {
+                    high_threshold: cfg.rpn_fg_iou_thresh,
+                    low_threshold: cfg.rpn_bg_iou_thresh,
+                    allow_low_quality_matches: true,
+                },
+                batch_size_per_image: cfg.rpn_batch_size_per_image,
+                positive_fraction: cfg.rpn_positive_fraction,
+            },
+            sampler,
+        );
+        let boxes = self.roi_heads.losses(
+            &features,
+            &rpn_output.proposals,
+            &batch.image_sizes,
+            (&gt_boxes, &gt_labels),
+            BoxTrainingConfig {
+                matcher: Matcher {
+                    high_threshold: cfg.box_fg_iou_thresh,
+                    low_threshold: cfg.box_bg_iou_thresh,
+                    allow_low_quality_matches: false,
+                },
+                batch_size_per_image: cfg.box_batch_size_per_image,
+                positive_fraction: cfg.box_positive_fraction,
+            },
+            sampler,
+        );
+        Ok(TrainingLosses {
+            classifier: boxes.classifier,
+            box_reg: boxes.box_reg,
+            objectness: rpn.objectness,
+            rpn_box_reg: rpn.box_reg,
+            sampling: SamplingStats {
+                rpn: rpn.stats,
+                roi: boxes.stats,
+            },
+        })
+    }
+}
+
+/// The training fields of the configuration must make sense.
+fn check_training_config(cfg: &super::FasterRcnnConfig) -> Result<(), TrainingError> {
+    let unit = |v: f64| (0.0..=1.0).contains(&v);
+    let checks: [(bool, &str); 6] = [
+        (
+            cfg.rpn_pre_nms_top_n_train > 0 && cfg.rpn_post_nms_top_n_train > 0,
+            "rpn_pre_nms_top_n_train and rpn_post_nms_top_n_train must be positive",
+        ),
+        (
+            cfg.rpn_batch_size_per_image > 0 && cfg.box_batch_size_per_image > 0,
+            "rpn_batch_size_per_image and box_batch_size_per_image must be positive",
+        ),
+        (
+            unit(cfg.rpn_positive_fraction) && unit(cfg.box_positive_fraction),
+            "rpn_positive_fraction and box_positive_fraction must be in [0, 1]",
+        ),
+        (
+            unit(cfg.rpn_bg_iou_thresh) && unit(cfg.rpn_fg_iou_thresh),
+            "rpn_bg_iou_thresh and rpn_fg_iou_thresh must be in [0, 1]",
+        ),
+        (
+            unit(cfg.box_bg_iou_thresh) && unit(cfg.box_fg_iou_thresh),
+            "box_bg_iou_thresh and box_fg_iou_thresh must be in [0, 1]",
+        ),
+        (
+            cfg.rpn_bg_iou_thresh <= cfg.rpn_fg_iou_thresh && cfg.box_bg_iou_thresh <= cfg.box_fg_iou_thresh,
+            "each bg_iou_thresh must be at most its fg_iou_thresh",
+        ),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, message)) => Err(TrainingError::Config(message.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Shapes, kinds and label ranges of the inputs (boxes are checked after resizing).
+fn check_inputs(images: &[Tensor], targets: &[Target], num_classes: i64) -> Result<(), TrainingError> {
+    if images.is_empty() {
+        return Err(TrainingError::NoImages);
+    }
+    if images.len() != targets.len() {
+        return Err(TrainingError::CountMismatch {
+            images: images.len(),
+            targets: targets.len(),
+        });
+    }
+    for (index, image) in images.iter().enumerate() {
+        let shape = image.size();
+        let float = matches!(image.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
+        if shape.len() != 3 || shape[0] != 3 || shape[1] == 0 || shape[2] == 0 || !float {
+            return Err(TrainingError::BadImage {
+                index,
+                shape,
+                kind: format!("{:?}", image.kind()),
+            });
+        }
+    }
+    for (index, target) in targets.iter().enumerate() {
+        let bad = |reason: String| TrainingError::BadTarget { index, reason };
+        let boxes = target.boxes.size();
+        let n = match boxes.as_slice() {
+            [n, 4] => *n,
+            _ if target.boxes.numel() == 0 => 0,
+            _ => return Err(bad(format!("boxes have shape {boxes:?}, expected [N, 4]"))),
+        };
+        if !target.boxes.is_floating_point() && target.boxes.numel() > 0 {
+            return Err(bad(format!("boxes are {:?}, expected float", target.boxes.kind())));
+        }
+        let labels = target.labels.size();
+        if target.labels.numel() as i64 != n || labels.len() > 1 {
+            return Err(bad(format!(
+                "{n} box(es) but labels of shape {labels:?}: give one label per box"
+            )));
+        }
+        if n == 0 {
+            continue;
+        }
+        if target.labels.is_floating_point() {
+            return Err(bad(format!("labels are {:?}, expected int64", target.labels.kind())));
+        }
+        let labels = target.labels.to_kind(Kind::Int64);
+        let (min, max) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+        if min < 1 || max >= num_classes {
+            return Err(bad(format!(
+                "labels range over {min}..={max} but must be in 1..{num_classes} (0 is the background; \
+                 set num_classes to the label count + 1)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every box needs a positive width and height (torchvision's degenerate-box check, which
+/// also runs after resizing) and finite coordinates.
+fn check_boxes(index: usize, boxes: &Tensor) -> Result<(), TrainingError> {
+    if boxes.size()[0] == 0 {
+        return Ok(());
+    }
+    let positive = boxes
+        .narrow(1, 2, 2)
+        .gt_tensor(&boxes.narrow(1, 0, 2))
+        .all_dim(1, false);
+    let finite = boxes.isfinite().all_dim(1, false);
+    let bad = positive.logical_and(&finite).logical_not().nonzero();
+    if bad.size()[0] == 0 {
+        return Ok(());
+    }
+    let box_index = bad.int64_value(&[0, 0]);
+    let coordinates = Vec::<f64>::try_from(&boxes.get(box_index).to_kind(Kind::Double)).unwrap_or_default();
+    Err(TrainingError::DegenerateBox {
+        index,
+        box_index,
+        coordinates,
+    })
+}
