@@ -226,6 +226,37 @@ pub enum ModelCommand {
     /// The model registry (a directory or s3://bucket/prefix): publish versions, promote one to
     /// production only if it evaluates better, roll back (see docs/model-registry.md).
     Registry(RegistryArgs),
+    /// Create a Faster R-CNN from scratch (torchvision's initialisation, frozen batch norm
+    /// calibrated on sample images) for a label set: a starting point for training when no
+    /// pretrained checkpoint is available, and for tests. Prefer fine-tuning COCO weights.
+    Init(ModelInitArgs),
+}
+
+/// Arguments of `attrstream model init`.
+#[derive(Debug, Args)]
+pub struct ModelInitArgs {
+    /// Class names, comma-separated (index 0, the background, is added).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub classes: Vec<String>,
+    /// Folder of sample images (PNG/JPEG) the batch norm statistics are calibrated on (up to
+    /// --calibration-count of them, in name order).
+    #[arg(long)]
+    pub calibration_images: PathBuf,
+    /// How many calibration images to use.
+    #[arg(long, default_value_t = 16)]
+    pub calibration_count: usize,
+    /// Shorter image side after resizing (torchvision min_size).
+    #[arg(long, default_value_t = 800)]
+    pub min_size: i64,
+    /// Longest image side after resizing (torchvision max_size).
+    #[arg(long, default_value_t = 1333)]
+    pub max_size: i64,
+    /// Seed of the random initialisation.
+    #[arg(long, default_value_t = 1)]
+    pub seed: i64,
+    /// Weights file to write.
+    #[arg(long, short)]
+    pub output: PathBuf,
 }
 
 /// Arguments of `attrstream model import`.
@@ -496,6 +527,8 @@ pub struct SynthLabelsArgs {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Configuration sources (brokers, schema registry, fetch limits, model.registry).
+    /// `--devices cpu | cuda:0,cuda:1` puts one replica on each device (data-parallel
+    /// training) [default: every GPU, else cpu].
     #[command(flatten)]
     pub config: ConfigArgs,
     /// The labelled-image topic to replay (records of schemas/labelled_image.avsc).
@@ -531,9 +564,10 @@ pub struct TrainArgs {
     /// when a registry is configured].
     #[arg(long)]
     pub base_version: Option<String>,
-    /// Model registry for the base version and for publishing the candidate [default: model.registry].
+    /// Model registry for the base version and for publishing the candidate [default:
+    /// model.registry]. (`--registry` is the schema registry, as in every Kafka command.)
     #[arg(long)]
-    pub registry: Option<String>,
+    pub model_registry: Option<String>,
     /// Class names, comma-separated [default: the sorted labels of the training examples].
     #[arg(long, value_delimiter = ',')]
     pub classes: Option<Vec<String>>,
@@ -543,9 +577,6 @@ pub struct TrainArgs {
     /// Decoded examples are cached here [default: OUT/cache].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Devices, one replica each (data-parallel): `cpu`, `cuda:0,cuda:1` [default: every GPU, else cpu].
-    #[arg(long, value_delimiter = ',')]
-    pub devices: Vec<String>,
     /// Shorter image side after resizing (torchvision min_size).
     #[arg(long, default_value_t = 800)]
     pub min_size: i64,
@@ -641,4 +672,16 @@ pub enum ScheduleKind {
     Step,
     /// No decay.
     Constant,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks argument definitions only at run time, per subcommand: check all of them
+    /// (duplicate names, conflicting flags) in one unit test instead of at a user's first try.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -344,6 +344,14 @@ impl Config {
     /// Layers defaults, the TOML file (if any), `ATTRSTREAM_*__*` environment variables and
     /// `overrides` (dotted keys with TOML values, e.g. `batch.max_batch_size=16`), then validates.
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
+        let config = Self::load_unvalidated(file, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] without [`Config::validate`], for callers that validate with other
+    /// requirements (see [`Config::validate_without_serve_schemas`]).
+    pub fn load_unvalidated(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -364,7 +372,6 @@ impl Config {
             messages.dedup();
             anyhow::anyhow!("invalid configuration: {}", messages.join("; "))
         })?;
-        config.validate()?;
         Ok(config)
     }
 
@@ -431,6 +438,23 @@ impl Config {
         }
         self.attributes.validate().map_err(anyhow::Error::msg)?;
         self.fetch.validate()?;
+        self.validate_serve_schemas()?;
+        self.validate_registry_credentials()
+    }
+
+    /// [`Config::validate`] without requiring the serve topics' schema ids: for commands that
+    /// read or write other topics (train, publish-labels) and do not serve.
+    pub fn validate_without_serve_schemas(&self) -> Result<()> {
+        let mut relaxed = self.clone();
+        let s = &mut relaxed.schemas;
+        s.input_schema_id = s.input_schema_id.or(Some(0));
+        s.output_schema_id = s.output_schema_id.or(Some(0));
+        s.dead_letter_schema_id = s.dead_letter_schema_id.or(Some(0));
+        relaxed.validate()
+    }
+
+    /// Without a schema registry, the ids of the serve topics' schemas must be configured.
+    fn validate_serve_schemas(&self) -> Result<()> {
         let s = &self.schemas;
         if s.registry_url.is_none() {
             if s.input_format == InputFormat::Confluent && s.input_schema_id.is_none() {
@@ -446,6 +470,12 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// A registry password needs its user name.
+    fn validate_registry_credentials(&self) -> Result<()> {
+        let s = &self.schemas;
         if s.registry_password.is_some() && s.registry_username.is_none() {
             bail!("schemas.registry_password is set but schemas.registry_username is not");
         }

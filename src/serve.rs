@@ -21,6 +21,20 @@ use crate::workers::{BackendFactory, DetectorBackend, InferenceBackend};
 
 /// Loads the configuration: file, environment, then the command line's shorthands and `--set`s.
 pub fn load_config(args: &ConfigArgs) -> Result<Config> {
+    let config = load_unvalidated(args)?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// [`load_config`] for commands that do not serve (train, publish-labels): the serve topics'
+/// schema ids are not required.
+pub fn load_config_without_serve_schemas(args: &ConfigArgs) -> Result<Config> {
+    let config = load_unvalidated(args)?;
+    config.validate_without_serve_schemas()?;
+    Ok(config)
+}
+
+fn load_unvalidated(args: &ConfigArgs) -> Result<Config> {
     let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
     let mut overrides: Vec<(String, String)> = Vec::new();
     let shorthands = [
@@ -44,11 +58,10 @@ pub fn load_config(args: &ConfigArgs) -> Result<Config> {
         overrides.push(("model.devices".into(), format!("[{}]", list.join(", "))));
     }
     overrides.extend(args.set.iter().cloned());
-    let mut config = Config::load(args.config.as_deref(), &overrides)?;
+    let mut config = Config::load_unvalidated(args.config.as_deref(), &overrides)?;
     for (k, v) in &args.kafka_options {
         config.kafka.options.insert(k.clone(), v.clone());
     }
-    config.validate()?;
     Ok(config)
 }
 

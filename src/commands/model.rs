@@ -1,5 +1,5 @@
-//! `attrstream model import|fetch|list`: getting weights `detect` can load;
-//! `attrstream model registry …`: versions, promotion and rollback in the model registry.
+//! `attrstream model import|fetch|list|init`: getting weights `detect` can load (or a model
+//! from scratch to train); `attrstream model registry …`: versions, promotion and rollback.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +19,7 @@ pub fn run(args: ModelArgs) -> Result<ExitCode> {
         ModelCommand::Fetch(args) => run_fetch(args),
         ModelCommand::List(args) => run_list(args),
         ModelCommand::Registry(args) => registry::run(args),
+        ModelCommand::Init(args) => run_init(args),
     }
 }
 
@@ -337,4 +338,75 @@ mod registry {
         );
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// `model init`: a from-scratch Faster R-CNN for a label set, calibrated on sample images.
+fn run_init(args: crate::cli::ModelInitArgs) -> Result<ExitCode> {
+    use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
+    use crate::model::weights::WeightsMetadata;
+    if args.classes.iter().any(|c| c.trim().is_empty()) {
+        anyhow::bail!("--classes has an empty name");
+    }
+    let labels: Vec<String> = std::iter::once("__background__".to_string())
+        .chain(args.classes.iter().map(|c| c.trim().to_string()))
+        .collect();
+    let cfg = FasterRcnnConfig {
+        num_classes: labels.len() as i64,
+        min_size: args.min_size,
+        max_size: args.max_size,
+        ..Default::default()
+    };
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.calibration_images)
+        .with_context(|| format!("cannot list --calibration-images {}", args.calibration_images.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    files.truncate(args.calibration_count.max(1));
+    if files.is_empty() {
+        anyhow::bail!(
+            "no PNG or JPEG images in {}: batch norm needs sample images to calibrate on",
+            args.calibration_images.display()
+        );
+    }
+    let images = files
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let image = crate::preprocess::decode_image(&bytes, crate::preprocess::DEFAULT_MAX_PIXELS)
+                .with_context(|| format!("cannot decode {}", p.display()))?;
+            Ok(crate::preprocess::to_tensor(&image, tch::Device::Cpu))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    tch::manual_seed(args.seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = FasterRcnn::new(&vs.root(), cfg.clone());
+    model.initialise_from_scratch(&vs, &images);
+    let mut tensors: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let metadata = WeightsMetadata {
+        architecture: Some(crate::detection::FASTERRCNN_RESNET50_FPN.to_string()),
+        labels: Some(labels.clone()),
+        source: Some(format!(
+            "attrstream model init (seed {}, calibrated on {} images)",
+            args.seed,
+            images.len()
+        )),
+        source_sha256: None,
+        config: Some(serde_json::to_value(&cfg)?),
+    };
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::model::weights::save(&args.output, &tensors, &metadata)?;
+    println!(
+        "{}",
+        serde_json::json!({"output": args.output, "labels": labels, "calibration_images": images.len(), "seed": args.seed})
+    );
+    Ok(ExitCode::SUCCESS)
 }

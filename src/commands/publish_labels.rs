@@ -27,7 +27,7 @@ use crate::events::labelled::{
 use crate::events::registry::resolve_output_schema_id;
 use crate::events::{now_ms, ImageSource};
 use crate::pipeline::{producer_properties, registry_client};
-use crate::serve::{load_config, runtime};
+use crate::serve::{load_config_without_serve_schemas, runtime};
 use crate::sink::create_producer;
 
 /// Records being read and produced at once.
@@ -36,7 +36,7 @@ const IN_FLIGHT: usize = 32;
 /// Checks the data set, publishes one record per image, waits for every acknowledgement and
 /// prints a JSON summary (records, boxes, classes).
 pub fn run(args: PublishLabelsArgs) -> Result<ExitCode> {
-    let config = load_config(&config_args(&args))?;
+    let config = load_config_without_serve_schemas(&args.config)?;
     let images_dir = default_images_dir(&args.annotations, args.images.as_deref());
     let options = ImportOptions {
         product_id_field: args.product_id_field.clone(),
@@ -70,18 +70,6 @@ pub fn run(args: PublishLabelsArgs) -> Result<ExitCode> {
         summary.products
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The configuration sources plus placeholders for the serve schema ids: the shared validation
-/// demands input/output/dead-letter ids when there is no registry, but publish-labels uses none
-/// of them (its records are framed with `--schema-id` or the registry's id for `<topic>-value`),
-/// so a missing one must not stop it with an unrelated message.
-fn config_args(args: &PublishLabelsArgs) -> crate::cli::ConfigArgs {
-    let mut config = args.config.clone();
-    let placeholders = ["input_schema_id", "output_schema_id", "dead_letter_schema_id"]
-        .map(|key| (format!("schemas.{key}"), args.schema_id.unwrap_or(0).to_string()));
-    config.set.splice(0..0, placeholders);
-    config
 }
 
 /// `--images`, or `images/` next to the annotation file if it exists, else the file's folder.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{ScheduleKind, SplitKind, TrainArgs};
-use crate::serve::load_config;
+use crate::serve::load_config_without_serve_schemas;
 use crate::train::job::{self, BaseModel, TrainJob, ValidationSource};
 use crate::train::registry::PromotionPolicy;
 use crate::train::replay::ReplayRanges;
@@ -65,19 +65,19 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 
 /// Turns the arguments into a job, checking them with messages that name the flag.
 fn job_from_args(args: TrainArgs) -> Result<TrainJob> {
-    let config = load_config(&args.config)?;
-    let registry = args.registry.clone().or_else(|| config.model.registry.clone());
+    let config = load_config_without_serve_schemas(&args.config)?;
+    let registry = args.model_registry.clone().or_else(|| config.model.registry.clone());
     let base = match (&args.base, &args.base_version) {
         (Some(path), _) => BaseModel::Weights(path.clone()),
         (None, Some(version)) => BaseModel::Registry(version.clone()),
         (None, None) if registry.is_some() => BaseModel::Registry("production".into()),
         (None, None) => bail!(
             "say which model to start from: --base WEIGHTS.safetensors, or --base-version production|VERSION \
-             with --registry"
+             with --model-registry"
         ),
     };
     if args.promote && registry.is_none() {
-        bail!("--promote needs a model registry: --registry LOCATION or model.registry");
+        bail!("--promote needs a model registry: --model-registry LOCATION or model.registry");
     }
     let ranges = parse_ranges(&args.ranges).context("--range")?;
     let validation = match (&args.validation_topic, args.split) {
@@ -108,14 +108,7 @@ fn job_from_args(args: TrainArgs) -> Result<TrainJob> {
     if args.batch_size == 0 || args.steps == 0 {
         bail!("--batch-size and --steps must be at least 1");
     }
-    let devices = if args.devices.is_empty() {
-        crate::device::default_devices()
-    } else {
-        args.devices
-            .iter()
-            .map(|d| crate::device::parse_device(d).with_context(|| format!("--devices entry `{d}`")))
-            .collect::<Result<Vec<_>>>()?
-    };
+    let devices = crate::serve::configured_devices(&config)?;
     let decay = match args.schedule {
         ScheduleKind::Cosine => Decay::Cosine { min_lr: args.min_lr },
         ScheduleKind::Constant => Decay::Constant,
@@ -209,6 +202,9 @@ mod tests {
     fn offset_ranges_parse_and_reject_nonsense() {
         assert_eq!(parse_offset_range("2:10..20").unwrap(), (2, 10..20));
         assert!(parse_offset_range("2:20..10").is_err());
-        assert!(parse_offset_range("10..20").unwrap_err().to_string().contains("PARTITION:START..END"));
+        assert!(parse_offset_range("10..20")
+            .unwrap_err()
+            .to_string()
+            .contains("PARTITION:START..END"));
     }
 }

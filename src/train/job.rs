@@ -129,7 +129,12 @@ pub fn run(job: TrainJob) -> Result<TrainOutcome> {
     runtime.block_on(run_async(job))
 }
 
-async fn replay_topic(config: &Config, topic: &str, ranges: &ReplayRanges, cache: &Path) -> Result<(Vec<Example>, ReplayReport)> {
+async fn replay_topic(
+    config: &Config,
+    topic: &str,
+    ranges: &ReplayRanges,
+    cache: &Path,
+) -> Result<(Vec<Example>, ReplayReport)> {
     let mut options = ReplayOptions::from_config(config, topic)?;
     options.ranges = ranges.clone();
     options.cache_dir = Some(cache.to_path_buf());
@@ -145,7 +150,11 @@ async fn replay_topic(config: &Config, topic: &str, ranges: &ReplayRanges, cache
 async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
     std::fs::create_dir_all(&job.out_dir).with_context(|| format!("creating {}", job.out_dir.display()))?;
     let (examples, replay_report) = replay_topic(&job.config, &job.topic, &job.ranges, &job.cache_dir).await?;
-    tracing::info!(examples = examples.len(), skipped = replay_report.skipped.len(), "training topic replayed");
+    tracing::info!(
+        examples = examples.len(),
+        skipped = replay_report.skipped.len(),
+        "training topic replayed"
+    );
     let (data, validation_replay) = match &job.validation {
         ValidationSource::Split(strategy) => (split(examples, strategy)?, None),
         ValidationSource::Topic { topic, ranges } => {
@@ -184,7 +193,7 @@ async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
         BaseModel::Registry(reference) => {
             let registry = registry
                 .as_ref()
-                .context("a registry base model needs --registry (or model.registry)")?;
+                .context("a registry base model needs --model-registry (or model.registry)")?;
             let resolved = resolve_model(registry, reference, &weights_cache).await?;
             (resolved.weights, Some(resolved.version))
         }
@@ -195,16 +204,27 @@ async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
 
     // The starting model on the validation set, measured now so both numbers share one set.
     let base_metrics = {
-        let (path, validation, classes, cfg) = (base_path.clone(), data.validation.clone(), classes.clone(), eval_cfg.clone());
+        let (path, validation, classes, cfg) = (
+            base_path.clone(),
+            data.validation.clone(),
+            classes.clone(),
+            eval_cfg.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let detector = Detector::load(&path, Device::Cpu, cfg, true)?;
             evaluate_detector(&detector, &validation, &classes, eval_batch)
         })
         .await??
     };
-    tracing::info!(map = base_metrics.stats.ap, ap50 = base_metrics.stats.ap50, "starting model evaluated");
+    tracing::info!(
+        map = base_metrics.stats.ap,
+        ap50 = base_metrics.stats.ap50,
+        "starting model evaluated"
+    );
 
-    let labels: Vec<String> = std::iter::once("__background__".to_string()).chain(classes.iter().cloned()).collect();
+    let labels: Vec<String> = std::iter::once("__background__".to_string())
+        .chain(classes.iter().cloned())
+        .collect();
     let train_examples = to_train_examples(&data.train, &classes)?;
     let model_cfg = FasterRcnnConfig {
         num_classes: labels.len() as i64,
@@ -214,18 +234,28 @@ async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
         let job = job.clone();
         let base_path = base_path.clone();
         let labels = labels.clone();
-        tokio::task::spawn_blocking(move || train_loop(&job, &base_path, &model_cfg, &labels, &train_examples)).await??
+        tokio::task::spawn_blocking(move || train_loop(&job, &base_path, &model_cfg, &labels, &train_examples))
+            .await??
     };
 
     let candidate_metrics = {
-        let (path, validation, classes, cfg) = (candidate_path.clone(), data.validation.clone(), classes.clone(), eval_cfg);
+        let (path, validation, classes, cfg) = (
+            candidate_path.clone(),
+            data.validation.clone(),
+            classes.clone(),
+            eval_cfg,
+        );
         tokio::task::spawn_blocking(move || {
             let detector = Detector::load(&path, Device::Cpu, cfg, true)?;
             evaluate_detector(&detector, &validation, &classes, eval_batch)
         })
         .await??
     };
-    tracing::info!(map = candidate_metrics.stats.ap, ap50 = candidate_metrics.stats.ap50, "candidate evaluated");
+    tracing::info!(
+        map = candidate_metrics.stats.ap,
+        ap50 = candidate_metrics.stats.ap50,
+        "candidate evaluated"
+    );
     std::fs::write(
         job.out_dir.join("metrics.json"),
         serde_json::to_vec_pretty(&candidate_metrics)?,
@@ -245,7 +275,12 @@ async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
             let version = registry.publish(new).await.context("publishing the candidate")?;
             tracing::info!(version = %version.as_str(), "candidate published");
             let promotion = match &job.promote {
-                Some(policy) => Some(registry.promote(&version, policy).await.context("promoting the candidate")?),
+                Some(policy) => Some(
+                    registry
+                        .promote(&version, policy)
+                        .await
+                        .context("promoting the candidate")?,
+                ),
                 None => None,
             };
             (Some(version), promotion)
@@ -378,9 +413,18 @@ fn train_loop(
             s.lr,
             s.images_per_sec
         ));
-        tracing::debug!(step = s.step, loss = s.total(), classifier = s.classifier, box_reg = s.box_reg,
-            objectness = s.objectness, rpn_box_reg = s.rpn_box_reg, lr = s.lr, images_per_sec = s.images_per_sec,
-            grad_norm = s.grad_norm, "training step");
+        tracing::debug!(
+            step = s.step,
+            loss = s.total(),
+            classifier = s.classifier,
+            box_reg = s.box_reg,
+            objectness = s.objectness,
+            rpn_box_reg = s.rpn_box_reg,
+            lr = s.lr,
+            images_per_sec = s.images_per_sec,
+            grad_norm = s.grad_norm,
+            "training step"
+        );
         stats.push(s);
         if job.checkpoint_every > 0 && trainer.next_step() % job.checkpoint_every == 0 && trainer.next_step() < total {
             trainer.save_checkpoint(&checkpoints, 2)?;

@@ -202,7 +202,10 @@ mod tests {
             }
             let got: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
             for i in 0..2 {
-                assert!((got[i] as f64 - expected[i]).abs() < 1e-5, "step {step}: {got:?} vs {expected:?}");
+                assert!(
+                    (got[i] as f64 - expected[i]).abs() < 1e-5,
+                    "step {step}: {got:?} vs {expected:?}"
+                );
             }
         }
     }
@@ -225,7 +228,10 @@ mod tests {
         let norm = clip_grad_norm(&params, 1.0);
         assert!((norm - 5.0).abs() < 1e-6);
         let clipped: Vec<f32> = Vec::try_from(&p.grad()).unwrap();
-        assert!((clipped[0] - 0.6).abs() < 1e-5 && (clipped[1] - 0.8).abs() < 1e-5, "{clipped:?}");
+        assert!(
+            (clipped[0] - 0.6).abs() < 1e-5 && (clipped[1] - 0.8).abs() < 1e-5,
+            "{clipped:?}"
+        );
     }
 
     #[test]

@@ -54,7 +54,12 @@ impl TrainExample {
             let x1 = self.boxes.select(1, 0);
             let x2 = self.boxes.select(1, 2);
             Tensor::stack(
-                &[-&x2 + width, self.boxes.select(1, 1), -&x1 + width, self.boxes.select(1, 3)],
+                &[
+                    -&x2 + width,
+                    self.boxes.select(1, 1),
+                    -&x1 + width,
+                    self.boxes.select(1, 3),
+                ],
                 1,
             )
         };
@@ -259,7 +264,11 @@ impl Trainer {
         let started = Instant::now();
         let step = self.next_step;
         if batch.len() < self.replicas.len() {
-            bail!("a batch of {} images cannot feed {} replicas", batch.len(), self.replicas.len());
+            bail!(
+                "a batch of {} images cannot feed {} replicas",
+                batch.len(),
+                self.replicas.len()
+            );
         }
         // Flips are decided here, from (seed, step), so they do not depend on the replicas.
         tch::manual_seed(mix(self.settings.seed, 0xf11b ^ step) as i64);
@@ -399,8 +408,12 @@ impl Trainer {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         Tensor::write_safetensors(&to_cpu(&vars), tmp.join("weights.safetensors"))
             .context("writing the checkpoint weights")?;
-        let momentum: Vec<(String, Tensor)> =
-            self.optimizer.state().iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        let momentum: Vec<(String, Tensor)> = self
+            .optimizer
+            .state()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
         Tensor::write_safetensors(&to_cpu(&momentum), tmp.join("optimizer.safetensors"))
             .context("writing the optimizer state")?;
         let state = CheckpointState {
@@ -425,11 +438,13 @@ impl Trainer {
         let Some(latest) = list_checkpoints(dir)?.pop() else {
             return Ok(None);
         };
-        let state: CheckpointState = serde_json::from_slice(
+        let recorded: serde_json::Value = serde_json::from_slice(
             &std::fs::read(latest.join("state.json")).with_context(|| format!("reading {}", latest.display()))?,
         )
-        .with_context(|| format!("{}/state.json is not a checkpoint state", latest.display()))?;
-        if state.settings != self.settings {
+        .with_context(|| format!("{}/state.json is not JSON", latest.display()))?;
+        let state: CheckpointState = serde_json::from_value(recorded.clone())
+            .with_context(|| format!("{}/state.json is not a checkpoint state", latest.display()))?;
+        if !same_settings(&recorded["settings"], &self.settings)? {
             bail!(
                 "checkpoint {} was written by a run with other settings; use a new --checkpoint-dir \
                  or the same settings to resume",
@@ -503,6 +518,15 @@ struct CheckpointState {
     settings: TrainSettings,
 }
 
+/// Whether settings recorded in a checkpoint's `state.json` are `ours`. Both sides are
+/// compared as JSON read from text: serde_json's default float parsing is not exact (about
+/// one 17-digit value in ten comes back one unit in the last place off), so comparing the
+/// parsed settings with ours would refuse the checkpoint of a run with the very same ones.
+fn same_settings(recorded: &serde_json::Value, ours: &TrainSettings) -> Result<bool> {
+    let ours: serde_json::Value = serde_json::from_str(&serde_json::to_string(ours)?)?;
+    Ok(*recorded == ours)
+}
+
 /// Complete checkpoint folders in `dir`, oldest first.
 fn list_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.exists() {
@@ -571,6 +595,9 @@ mod tests {
             labels: Tensor::from_slice(&[1i64]),
         };
         let f = e.flipped();
-        assert_eq!(Vec::<f32>::try_from(&f.boxes.view([-1])).unwrap(), vec![15.0, 1.0, 18.0, 4.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(&f.boxes.view([-1])).unwrap(),
+            vec![15.0, 1.0, 18.0, 4.0]
+        );
     }
 }

@@ -48,6 +48,20 @@ impl FrozenBatchNorm2d {
         (scale, shift)
     }
 
+    /// Sets the statistics to those of `x` (per channel over batch and space; weight 1, bias 0)
+    /// so that this layer outputs zero mean and unit variance on `x`: the data-dependent
+    /// initialisation of a network trained from scratch with frozen batch norm.
+    fn calibrate(&self, x: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let x = x.to_kind(Kind::Float);
+        let mean = x.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
+        let var = x.var_dim([0i64, 2, 3].as_slice(), false, false);
+        self.running_mean.shallow_clone().copy_(&mean);
+        self.running_var.shallow_clone().copy_(&var);
+        let _ = self.weight.shallow_clone().fill_(1.0);
+        let _ = self.bias.shallow_clone().fill_(0.0);
+    }
+
     /// Applies the normalization, as torchvision's `FrozenBatchNorm2d.forward`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (scale, shift) = self.scale_shift();
@@ -103,6 +117,14 @@ impl ConvBn {
         self.fused = Some((to_channels_last(&weight), shift));
     }
 
+    /// Calibrates the batch norm on this convolution's output for `x` and returns the
+    /// normalized output (see [`FrozenBatchNorm2d::calibrate`]).
+    fn calibrate(&self, x: &Tensor) -> Tensor {
+        let y = x.apply(&self.conv);
+        self.bn.calibrate(&y);
+        self.bn.forward(&y)
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         match &self.fused {
             Some((w, b)) => x.conv2d(w, Some(b), [self.stride], [self.padding], [1], 1),
@@ -148,6 +170,18 @@ impl Bottleneck {
         let mut out = self.conv_bn3.forward(&out);
         match &self.downsample {
             Some(d) => out += d.forward(x),
+            None => out += x,
+        }
+        out.relu_()
+    }
+
+    /// [`Bottleneck::forward`] that calibrates each batch norm on its way.
+    fn calibrate(&self, x: &Tensor) -> Tensor {
+        let out = self.conv_bn1.calibrate(x).relu_();
+        let out = self.conv_bn2.calibrate(&out).relu_();
+        let mut out = self.conv_bn3.calibrate(&out);
+        match &self.downsample {
+            Some(d) => out += d.calibrate(x),
             None => out += x,
         }
         out.relu_()
@@ -208,6 +242,18 @@ impl ResNetBody {
             outputs.push(x.shallow_clone());
         }
         outputs
+    }
+
+    /// Sets every frozen batch norm's statistics from a forward pass over `x` (a normalized,
+    /// padded batch), layer by layer, so that each normalizes its input: a network built
+    /// from scratch then starts well scaled, as one with trainable batch norm would.
+    pub fn calibrate_batch_norm(&self, x: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let x = self.stem.calibrate(x).relu_();
+        let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        for block in self.layers.iter().flatten() {
+            x = block.calibrate(&x);
+        }
     }
 
     /// Folds every frozen batch norm into its convolution (channels-last weights), for

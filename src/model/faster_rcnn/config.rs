@@ -93,14 +93,22 @@ impl Default for FasterRcnnConfig {
 }
 
 impl FasterRcnnConfig {
-    /// Takes the fields that define the trained network (class count, batch-norm epsilon)
-    /// from the `config` metadata of a weights file; inference knobs stay as they are.
+    /// Takes the fields that define the trained network (class count, batch-norm epsilon,
+    /// input resolution) from the `config` metadata of a weights file; inference knobs stay
+    /// as they are.
     pub fn apply_weights_config(&mut self, config: &serde_json::Value) {
         if let Some(n) = config.get("num_classes").and_then(|v| v.as_i64()) {
             self.num_classes = n;
         }
         if let Some(eps) = config.get("frozen_bn_eps").and_then(|v| v.as_f64()) {
             self.frozen_bn_eps = eps;
+        }
+        // A model fine-tuned at one resolution is served at it.
+        if let Some(v) = config.get("min_size").and_then(|v| v.as_i64()) {
+            self.min_size = v;
+        }
+        if let Some(v) = config.get("max_size").and_then(|v| v.as_i64()) {
+            self.max_size = v;
         }
     }
 

@@ -5,6 +5,8 @@
 //!
 //! Fine-tuning setup (frozen layers, a new label set) lives in [`super::fine_tune`].
 
+use std::time::{Duration, Instant};
+
 use tch::{Device, Kind, Tensor};
 
 use super::roi_heads::BoxTrainingConfig;
@@ -62,6 +64,27 @@ pub struct TrainingLosses {
     pub rpn_box_reg: Tensor,
     /// What was sampled.
     pub sampling: SamplingStats,
+    /// Wall time of each part of the forward pass.
+    pub timings: StageTimings,
+}
+
+/// Wall time of each part of a training forward pass, on the calling thread (for profiling:
+/// `benches/train_step.rs` prints them beside torchvision's). On a GPU, kernels run
+/// asynchronously, so without a device synchronisation these are mostly launch times.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    /// Normalising, resizing and batching the images, resizing and checking the targets.
+    pub transform: Duration,
+    /// The ResNet body.
+    pub backbone: Duration,
+    /// The feature pyramid.
+    pub fpn: Duration,
+    /// RPN head, anchors, box decoding and proposal selection (NMS).
+    pub rpn_proposals: Duration,
+    /// RPN anchor matching, sampling and losses.
+    pub rpn_loss: Duration,
+    /// Box head: proposal matching and sampling, RoIAlign, the two-MLP head, predictor and losses.
+    pub box_head: Duration,
 }
 
 impl TrainingLosses {
@@ -172,6 +195,13 @@ impl FasterRcnn {
         for _ in images {
             let _ = Tensor::empty([1], (Kind::Float, Device::Cpu)).uniform_(0.0, 1.0);
         }
+        let mut timings = StageTimings::default();
+        let mut clock = Instant::now();
+        let mut lap = |stage: &mut Duration| {
+            let now = Instant::now();
+            *stage = now - clock;
+            clock = now;
+        };
         let batch = self.transform.batch(images);
         let mut gt_boxes = Vec::with_capacity(targets.len());
         let mut gt_labels = Vec::with_capacity(targets.len());
@@ -186,7 +216,11 @@ impl FasterRcnn {
             gt_labels.push(target.labels.to_device(device).to_kind(Kind::Int64).reshape([-1]));
         }
         let padded = (batch.tensors.size()[2], batch.tensors.size()[3]);
-        let features = self.fpn.forward(&self.body.forward(&batch.tensors));
+        lap(&mut timings.transform);
+        let body = self.body.forward(&batch.tensors);
+        lap(&mut timings.backbone);
+        let features = self.fpn.forward(&body);
+        lap(&mut timings.fpn);
         let cfg = &self.cfg;
         let limits = ProposalLimits {
             pre_nms_top_n: cfg.rpn_pre_nms_top_n_train,
@@ -195,6 +229,7 @@ impl FasterRcnn {
             score_thresh: cfg.rpn_score_thresh,
         };
         let rpn_output = self.rpn.forward(&features, padded, &batch.image_sizes, limits);
+        lap(&mut timings.rpn_proposals);
         let rpn = self.rpn.losses(
             &rpn_output,
             &gt_boxes,
@@ -209,6 +244,7 @@ impl FasterRcnn {
             },
             sampler,
         );
+        lap(&mut timings.rpn_loss);
         let boxes = self.roi_heads.losses(
             &features,
             &rpn_output.proposals,
@@ -225,6 +261,7 @@ impl FasterRcnn {
             },
             sampler,
         );
+        lap(&mut timings.box_head);
         Ok(TrainingLosses {
             classifier: boxes.classifier,
             box_reg: boxes.box_reg,
@@ -234,6 +271,7 @@ impl FasterRcnn {
                 rpn: rpn.stats,
                 roi: boxes.stats,
             },
+            timings,
         })
     }
 }
