@@ -15,7 +15,8 @@ commands on stdin, one JSON reply per line on stdout:
   (`zero_grad`, `model(images, targets)`, sum of the losses, `backward`, `optimizer.step`)
   after `torch.manual_seed(SEED)`, with the wall time of each stage (forward hooks on the
   transform, the ResNet body, the FPN, the RPN and the RoI heads; then backward and the
-  optimizer): {"seconds": S, "stages": {...}, "losses": {...}}
+  optimizer) and the CPU time of the process:
+  {"seconds": S, "cpu_seconds": C, "stages": {...}, "losses": {...}}
 * "quit": {"peak_rss_mb": M} (this process's peak resident memory), then exit.
 
 Run as a server so the Rust side can alternate steps of both implementations: on a shared
@@ -86,6 +87,7 @@ class StageClock:
 
 def step(model, optimizer, images, targets, seed, clock):
     torch.manual_seed(seed)
+    cpu_start = time.process_time()
     start = time.perf_counter()
     optimizer.zero_grad()
     losses = model(images, targets)
@@ -95,7 +97,8 @@ def step(model, optimizer, images, targets, seed, clock):
     backward_done = time.perf_counter()
     optimizer.step()
     end = time.perf_counter()
-    reply = {"seconds": end - start, "losses": {k: float(v.detach()) for k, v in losses.items()}}
+    cpu = time.process_time() - cpu_start
+    reply = {"seconds": end - start, "cpu_seconds": cpu, "losses": {k: float(v.detach()) for k, v in losses.items()}}
     stages = dict(clock.times)
     stages["forward"] = forward_done - start
     stages["backward"] = backward_done - forward_done

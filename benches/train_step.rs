@@ -198,6 +198,7 @@ impl Reference {
             .collect();
         Ok(Step {
             seconds,
+            cpu_seconds: reply["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
             losses: losses(&reply),
             stages,
         })
@@ -241,6 +242,9 @@ const STAGES: [(&str, Option<&str>); 10] = [
 struct Step {
     /// The whole step (zero_grad, forward, backward, optimizer), seconds.
     seconds: f64,
+    /// CPU seconds the process used during the step (all threads; less sensitive to other
+    /// work on the machine than the wall time, but it counts OpenMP's spin-waiting).
+    cpu_seconds: f64,
     /// The four losses by torchvision's names, sorted by name.
     losses: Vec<(String, f64)>,
     /// Seconds per stage, in the order of [`STAGES`] (NaN where a side has no figure).
@@ -276,6 +280,7 @@ impl Ours {
     /// One timed step.
     fn step(&mut self, seed: i64) -> Result<Step> {
         tch::manual_seed(seed);
+        let cpu_start = process_cpu_seconds();
         let start = Instant::now();
         for (_, p) in &self.params {
             p.shallow_clone().zero_grad();
@@ -289,6 +294,7 @@ impl Ours {
         let backward_done = Instant::now();
         self.sgd.step(&self.params, LR);
         let end = Instant::now();
+        let cpu_seconds = process_cpu_seconds() - cpu_start;
         let mut values: Vec<(String, f64)> = losses.values().iter().map(|(k, v)| (k.to_string(), *v)).collect();
         values.sort_by(|a, b| a.0.cmp(&b.0));
         let t = losses.timings;
@@ -307,6 +313,7 @@ impl Ours {
         ];
         Ok(Step {
             seconds: secs(end - start),
+            cpu_seconds,
             losses: values,
             stages,
         })
@@ -371,6 +378,24 @@ fn summary(times: &[f64]) -> (f64, f64, f64) {
         (t[n / 2 - 1] + t[n / 2]) / 2.0
     };
     (median, t[0], t[n - 1])
+}
+
+/// CPU time this process has used, user and system, all threads (Linux `/proc/self/stat`,
+/// in clock ticks of 10 ms); NaN elsewhere.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(14), ticks(15)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 /// This process's peak resident memory in MB (Linux `VmHWM`), NaN elsewhere.
@@ -509,15 +534,26 @@ fn run() -> Result<()> {
             ours_steps.push(ours.step(seed)?);
             theirs_steps.push(theirs.step(seed)?);
         }
+        if std::env::var_os("BENCH_AB").is_some() {
+            // EXPERIMENT (temporary): ours with ATTRSTREAM_EXP_CL set.
+            std::env::set_var("ATTRSTREAM_EXP_CL", "1");
+            let b = ours.step(seed)?;
+            std::env::remove_var("ATTRSTREAM_EXP_CL");
+            eprintln!("   B: {:.3} s ({:.2} CPU s) stages {:?}", b.seconds, b.cpu_seconds, b.stages);
+            eprintln!("   A: stages {:?}", ours_steps[r].stages);
+            trainer_t.push(b.seconds);
+        }
         if let Some((t, examples)) = trainer.as_mut() {
             let start = Instant::now();
             t.step(&examples.iter().collect::<Vec<_>>())?;
             trainer_t.push(start.elapsed().as_secs_f64());
         }
         eprintln!(
-            "step {r}: torchvision {:.3} s, ours {:.3} s{}",
+            "step {r}: torchvision {:.3} s ({:.2} CPU s), ours {:.3} s ({:.2} CPU s){}",
             theirs_steps[r].seconds,
+            theirs_steps[r].cpu_seconds,
             ours_steps[r].seconds,
+            ours_steps[r].cpu_seconds,
             trainer_t.get(r).map(|t| format!(", Trainer::step {t:.3} s")).unwrap_or_default()
         );
     }
@@ -527,28 +563,31 @@ fn run() -> Result<()> {
 
     let ours_t: Vec<f64> = ours_steps.iter().map(|x| x.seconds).collect();
     let theirs_t: Vec<f64> = theirs_steps.iter().map(|x| x.seconds).collect();
+    let ours_cpu = summary(&ours_steps.iter().map(|x| x.cpu_seconds).collect::<Vec<_>>()).0;
+    let theirs_cpu = summary(&theirs_steps.iter().map(|x| x.cpu_seconds).collect::<Vec<_>>()).0;
     let (ours_med, ours_min, ours_max) = summary(&ours_t);
     let (theirs_med, theirs_min, theirs_max) = summary(&theirs_t);
     let trainer_summary = (!trainer_t.is_empty()).then(|| summary(&trainer_t));
     let ratio = ours_med / theirs_med;
     println!(
-        "{:<20} {:>10} {:>8} {:>8} {:>12}",
-        "side", "s/step", "min", "max", "peak RSS MB"
+        "{:<20} {:>10} {:>8} {:>8} {:>10} {:>12}",
+        "side", "s/step", "min", "max", "CPU s/step", "peak RSS MB"
     );
     println!(
-        "{:<20} {theirs_med:>10.3} {theirs_min:>8.3} {theirs_max:>8.3} {their_rss:>12.0}",
+        "{:<20} {theirs_med:>10.3} {theirs_min:>8.3} {theirs_max:>8.3} {theirs_cpu:>10.2} {their_rss:>12.0}",
         "torchvision"
     );
     println!(
-        "{:<20} {ours_med:>10.3} {ours_min:>8.3} {ours_max:>8.3} {our_rss:>12.0}",
+        "{:<20} {ours_med:>10.3} {ours_min:>8.3} {ours_max:>8.3} {ours_cpu:>10.2} {our_rss:>12.0}",
         "attrstream"
     );
     if let Some((med, min, max)) = trainer_summary {
-        println!("{:<20} {med:>10.3} {min:>8.3} {max:>8.3} {:>12}", "attrstream Trainer", "");
+        println!("{:<20} {med:>10.3} {min:>8.3} {max:>8.3}", "attrstream Trainer");
     }
     println!(
-        "ratio ours / torchvision: {ratio:.3} (goal <= 0.9: {})",
-        if ratio <= 0.9 { "met" } else { "MISSED" }
+        "ratio ours / torchvision: {ratio:.3} (goal <= 0.9: {}); CPU time ratio {:.3}",
+        if ratio <= 0.9 { "met" } else { "MISSED" },
+        ours_cpu / theirs_cpu
     );
     if let Some((med, _, _)) = trainer_summary {
         println!("ratio Trainer::step / torchvision: {:.3}", med / theirs_med);
@@ -585,14 +624,15 @@ fn run() -> Result<()> {
         },
         "torchvision": {
             "median_s": theirs_med, "min_s": theirs_min, "max_s": theirs_max, "steps_s": theirs_t,
-            "peak_rss_mb": their_rss, "stage_medians_s": stage_json(&theirs_stages),
+            "median_cpu_s": theirs_cpu, "peak_rss_mb": their_rss, "stage_medians_s": stage_json(&theirs_stages),
         },
         "attrstream": {
             "median_s": ours_med, "min_s": ours_min, "max_s": ours_max, "steps_s": ours_t,
-            "peak_rss_mb": our_rss, "stage_medians_s": stage_json(&ours_stages),
+            "median_cpu_s": ours_cpu, "peak_rss_mb": our_rss, "stage_medians_s": stage_json(&ours_stages),
         },
         "trainer": trainer_summary.map(|(med, min, max)| json!({"median_s": med, "min_s": min, "max_s": max, "steps_s": trainer_t})),
         "ratio": ratio,
+        "cpu_ratio": ours_cpu / theirs_cpu,
         "goal_met": ratio <= 0.9,
         "first_step_loss_relative_difference": difference,
         "load_average_after": load_after,

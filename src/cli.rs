@@ -318,15 +318,41 @@ pub struct ModelListArgs {
 /// (weights, topic) go here as further options and make `--detections` unnecessary.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// COCO-format ground truth: {"images": [{id, width, height}], "annotations": [{id,
+    /// File mode: COCO-format ground truth: {"images": [{id, width, height}], "annotations": [{id,
     /// image_id, category_id, bbox: [x, y, w, h], area, iscrowd}], "categories": [{id, name}]}.
-    #[arg(long, value_name = "GT.json")]
-    pub ground_truth: PathBuf,
-    /// COCO results file: a JSON list of {image_id, category_id, bbox: [x, y, w, h], score}.
-    /// Required in file mode (the only mode so far; a model mode over a validation topic is
-    /// planned).
-    #[arg(long, value_name = "RESULTS.json")]
+    #[arg(long, value_name = "GT.json", requires = "detections", conflicts_with = "model")]
+    pub ground_truth: Option<PathBuf>,
+    /// File mode: COCO results file, a JSON list of {image_id, category_id, bbox: [x, y, w, h], score}.
+    #[arg(long, value_name = "RESULTS.json", requires = "ground_truth")]
     pub detections: Option<PathBuf>,
+    /// Model mode: the weights file to evaluate over --topic's labelled images.
+    #[arg(long, value_name = "WEIGHTS", requires = "topic")]
+    pub model: Option<PathBuf>,
+    /// Model mode: the labelled-image topic (records of schemas/labelled_image.avsc).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Model mode: records to read (same syntax as `train --range`).
+    #[arg(long = "range", value_name = "SPEC")]
+    pub ranges: Vec<String>,
+    /// Model mode: evaluate only the validation side of `train`'s product-hash split with this
+    /// fraction (and --split-salt), i.e. the images a model trained on the same topic never saw.
+    #[arg(long)]
+    pub validation_fraction: Option<f64>,
+    /// Salt of the product-hash split.
+    #[arg(long, default_value = crate::train::split::DEFAULT_SALT)]
+    pub split_salt: String,
+    /// Model mode: class names, comma-separated [default: the sorted labels of the examples].
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<String>>,
+    /// Model mode: shorter image side after resizing [default: the model's].
+    #[arg(long)]
+    pub min_size: Option<i64>,
+    /// Model mode: longest image side after resizing [default: the model's].
+    #[arg(long)]
+    pub max_size: Option<i64>,
+    /// Model mode: Kafka and schema-registry settings.
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Folder for metrics.json and pr_curve.png (created if missing).
     #[arg(long, default_value = "out/eval")]
     pub out: PathBuf,

@@ -12,11 +12,15 @@
 //!    `torch.optim.SGD`, `clip_grad_norm_`, `LinearLR` + `CosineAnnealingLR` / `MultiStepLR`
 //!    (golden values from `tests/reference/sgd_reference.py`).
 //!
-//! The detector is a seeded random Faster R-CNN written once per test as a base weights file,
-//! on 128-pixel synthetic images with smaller sampler batches and proposal counts, so that
-//! every step takes a fraction of a second on two cores. These are equivalence tests, not
-//! learning tests: a random network's losses are large, so the learning rate is small and the
-//! tests that allow it clip the gradients.
+//! The detector is a seeded random Faster R-CNN ResNet-50 FPN (one trainable backbone layer),
+//! written once per test as a base weights file and scaled so that its losses are of order 1
+//! (see `write_base_weights`), on 96-pixel synthetic images with smaller sampler batches and
+//! proposal counts, so that a step takes well under a second per image. These are
+//! equivalence tests, not learning tests.
+//!
+//! Found on the way (fixed in `Trainer::resume`): a checkpoint whose settings hold a float
+//! that serde_json's default parser does not read back exactly was refused as "written by a
+//! run with other settings"; `a_killed_run_resumes_exactly` uses such a learning rate.
 
 mod common;
 
@@ -43,31 +47,36 @@ const BASE_SEED: i64 = 20;
 
 /// Data parallel vs one replica, per trained tensor after every step:
 /// `max |p_dp − p_one| ≤ UPDATE_REL · max |Δ_one| + ULPS · ε_f32 · max |p_one|`, where Δ is the
-/// change of the tensor since the start.
+/// change of the tensor since the start; the momentum buffers to `UPDATE_REL` of their
+/// largest value, with no other allowance.
 ///
 /// Both runs compute the same mathematical update; what differs is float32 summation order
 /// (each replica sums its shard's weight gradients over its own images, then the shard sums
-/// are weighted and added, instead of one sum over the batch). That changes gradients by
-/// ~1e-6 of their size (measured: ≤ 1.5e-6 over all tensors), so updates agree to a small
-/// multiple of that: `UPDATE_REL = 1e-4` leaves a 50× margin. Independently, a parameter is
-/// stored in float32 after `p + Δ`, and an update much smaller than the parameter (layer4's,
-/// ~1e-5 of its weights) lands on one of two neighbouring floats depending on its last bits:
-/// each step may leave the runs one unit in the last place apart, hence `ULPS` (3 steps + 1).
+/// are weighted and added, instead of one sum over the batch). That moves gradients by about
+/// 2e-6 of their largest value and the momentum buffers after three steps by 5e-6
+/// (measured), so `UPDATE_REL = 1e-4` leaves a margin of about 20 and is still three orders
+/// of magnitude below what a wrong shard weighting does (measured in `check_shard_weighting`:
+/// 0.17 and more). Independently, a parameter is stored in float32 after `p + Δ`, and an
+/// update much smaller than the parameter (layer4's is ~1e-5 of its weights) lands on one of
+/// two neighbouring floats depending on its last bits: each step may leave the runs one unit
+/// in the last place apart, hence `ULPS` (3 steps + 1). That allowance is why the momentum
+/// buffers, which carry the same gradients without it, are compared too.
 ///
-/// The forward passes are bitwise equal here: libtorch's convolutions give the same bits for
-/// an image in a batch of 2 or more whatever the batch, so the anchors and proposals each
-/// image samples are the same in both runs. (A shard of one image is computed differently, ~1e-6
-/// apart; that may swap two proposals of nearly equal score and with it a sampled proposal,
-/// which is why the unequal shards below are 3 + 2 rather than 2 + 1.)
+/// The forward passes are bitwise equal for shards of 2 images or more: libtorch's
+/// convolutions give the same bits for an image in any batch of 2 or more. A shard of one
+/// image is computed differently (~1e-6 apart, measured), which puts the figures of the 2 + 1
+/// step ~1e-6 apart instead of ~3e-7; that is why [`check_shard_weighting`], which isolates
+/// the weighting arithmetic, uses shards of 3 + 2.
 const UPDATE_REL: f64 = 1e-4;
 /// See [`UPDATE_REL`].
 const ULPS: f64 = 4.0;
 /// Loss figures and gradient norms (before clipping) of data parallel vs one replica
-/// (relative): the same per-image values averaged in another order.
-const LOSS_REL: f64 = 1e-5;
+/// (relative): the same per-image values averaged in another order (measured: 3e-7, and 1e-6
+/// with a one-image shard), 500 times below what equal shard weights give.
+const LOSS_REL: f64 = 1e-4;
 /// Gradients: shard-size-weighted shard gradients vs the full batch's, per tensor
-/// (`max |error| / max |full|`); float32 summation order again.
-const GRAD_REL: f64 = 1e-5;
+/// (`max |error| / max |full|`); float32 summation order, as for [`UPDATE_REL`].
+const GRAD_REL: f64 = 1e-4;
 
 /// libtorch's random generator is global: the tests of this file take turns so that one test's
 /// `manual_seed` cannot land between another's seed and draw.
@@ -82,12 +91,13 @@ fn serial() -> MutexGuard<'static, ()> {
     guard
 }
 
-/// The detector configuration of these tests: torchvision's defaults with 128-pixel inputs
-/// and smaller sampler batches and proposal counts (cost), and the synthetic classes.
+/// The detector configuration of these tests: torchvision's defaults with 96-pixel inputs,
+/// smaller sampler batches and proposal counts (cost), and the synthetic classes.
 ///
 /// Exact data parallelism needs every image to sample the same number of anchors and
-/// proposals (the losses average over all samples of the batch): 64 anchors of the ~4000 an
-/// image has, and 64 of the up-to-150 proposals (+ ground truth) always fill up.
+/// proposals (the losses average over all samples of the batch): 64 of an image's ~2300
+/// anchors, and 32 of its up-to-100 proposals (+ its ground-truth boxes) always fill up.
+/// `gradients` checks that this holds.
 fn model_config() -> FasterRcnnConfig {
     FasterRcnnConfig {
         num_classes: CLASSES.len() as i64 + 1,
@@ -104,12 +114,13 @@ fn model_config() -> FasterRcnnConfig {
 /// Writes a seeded random model as the base weights file (what fine-tuning starts from).
 ///
 /// tch's default initialisation with identity batch norms makes the body's outputs large
-/// (FPN features with a standard deviation of hundreds), and with them every loss and
-/// gradient. As the body and the FPN have no biases, batch norm is linear and the rest is
-/// ReLU and max pooling, the features scale exactly with the first convolution: it is scaled
-/// so that they have unit standard deviation on a training image. The RPN head gets
-/// torchvision's initialisation (normal, std 0.01, zero biases), so the proposals start near
-/// the anchors and every image has plenty of them (see `model_config`).
+/// (FPN features with a standard deviation of hundreds), and with them every loss (hundreds)
+/// and gradient. The body's convolutions have no biases, its frozen batch norms start as
+/// (near) identities and the FPN's biases at zero, so between ReLUs and max pooling the
+/// features scale exactly with the first convolution's weights: they are divided by the
+/// features' standard deviation on a training image. The RPN head gets torchvision's
+/// initialisation (normal, std 0.01, zero biases), so the proposals start near the anchors and
+/// every image has plenty of them (see `model_config`).
 fn write_base_weights(dir: &Path, calibration: &TrainExample) -> PathBuf {
     let path = dir.join("base.safetensors");
     let cfg = model_config();
@@ -191,8 +202,8 @@ fn examples(n: usize) -> Vec<TrainExample> {
         .collect()
 }
 
-/// Settings of these tests: small learning rate with a one-step warm-up and cosine decay,
-/// momentum and weight decay on (so the second step uses the momentum buffers).
+/// Settings of these tests: a one-step warm-up and cosine decay, momentum and weight decay on
+/// (so the second step uses the momentum buffers); `random` turns on random sampling and flips.
 fn settings(batch_size: usize, steps: u64, random: bool, clip: Option<f64>) -> TrainSettings {
     TrainSettings {
         batch_size,
@@ -265,12 +276,13 @@ fn worst_update_error(
     worst
 }
 
+/// `|a − b| / |b|`, the relative difference of a scalar from its reference.
 fn relative(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
-/// The figures of one step must agree (except speed).
-fn assert_same_stats(dp: &StepStats, one: &StepStats, what: &str) {
+/// The figures of one step must agree (except speed); returns the largest relative difference.
+fn assert_same_stats(dp: &StepStats, one: &StepStats, what: &str) -> f64 {
     assert_eq!(dp.step, one.step, "{what}");
     assert_eq!(dp.lr, one.lr, "{what}: learning rate");
     let pairs = [
@@ -280,6 +292,7 @@ fn assert_same_stats(dp: &StepStats, one: &StepStats, what: &str) {
         ("rpn_box_reg", dp.rpn_box_reg, one.rpn_box_reg),
         ("grad_norm", dp.grad_norm, one.grad_norm),
     ];
+    let mut worst = 0.0f64;
     for (name, a, b) in pairs {
         assert!(a.is_finite() && b.is_finite(), "{what}: {name} not finite: {a} vs {b}");
         assert!(
@@ -287,7 +300,9 @@ fn assert_same_stats(dp: &StepStats, one: &StepStats, what: &str) {
             "{what}: {name} {a} (2 replicas) vs {b} (1 replica), relative {:.2e}",
             relative(a, b)
         );
+        worst = worst.max(relative(a, b));
     }
+    worst
 }
 
 /// Runs the next step of both trainers on the same `batch` and compares their figures and
@@ -298,11 +313,11 @@ fn step_both(one: &mut Trainer, two: &mut Trainer, batch: &[&TrainExample], star
     let b = two
         .step(batch)
         .unwrap_or_else(|e| panic!("{what}, two replicas: {e:#}"));
-    assert_same_stats(&b, &a, &what);
+    let figures = assert_same_stats(&b, &a, &what);
     let (ratio, name, relative_to_update) = worst_update_error(start, &trained(two), &trained(one));
     eprintln!(
-        "{what}: worst tensor {name}: {ratio:.2} of the allowance ({relative_to_update:.1e} of its update); \
-         one replica {a:?}"
+        "{what}: figures {figures:.1e} apart; worst tensor {name}: {ratio:.2} of the allowance \
+         ({relative_to_update:.1e} of its update); one replica {a:?}"
     );
     assert!(
         ratio <= 1.0,
@@ -394,7 +409,7 @@ fn check_shard_weighting(model: &FasterRcnn, params: &[(String, Tensor)], batch:
         wrong > 100.0 * UPDATE_REL.max(GRAD_REL),
         "equal weighting is only {wrong:.2e} off the full batch: the tolerances could not tell it apart"
     );
-    let mut worst_equal_loss = 0.0f64;
+    let (mut worst_equal_loss, mut worst_weighted_loss) = (0.0f64, 0.0f64);
     for (k, name) in ["classifier", "box_reg", "objectness", "rpn_box_reg"]
         .iter()
         .enumerate()
@@ -407,8 +422,11 @@ fn check_shard_weighting(model: &FasterRcnn, params: &[(String, Tensor)], batch:
             full_losses[k]
         );
         worst_equal_loss = worst_equal_loss.max(relative(equal, full_losses[k]));
+        worst_weighted_loss = worst_weighted_loss.max(relative(weighted, full_losses[k]));
     }
-    eprintln!("losses: equal weights are up to {worst_equal_loss:.2e} off the full batch");
+    eprintln!(
+        "losses vs the full batch: shard-size weights {worst_weighted_loss:.2e}, equal weights {worst_equal_loss:.2e}"
+    );
     assert!(
         worst_equal_loss > 100.0 * LOSS_REL,
         "equal weighting of the losses is only {worst_equal_loss:.2e} off"
@@ -436,9 +454,9 @@ fn two_cpu_replicas_reproduce_the_single_replica_update() {
         let batch: Vec<&TrainExample> = indices.iter().map(|&i| &data[i]).collect();
         step_both(&mut one, &mut two, &batch, &start);
     }
-    // Step 2: a batch of 5 in unequal shards of 3 + 2, exact only because the trainer weights
+    // Step 2: a batch of 3 in unequal shards of 2 + 1, exact only because the trainer weights
     // each shard's gradients and losses by its share of the batch.
-    let batch: Vec<&TrainExample> = data.iter().collect();
+    let batch: Vec<&TrainExample> = data[..3].iter().collect();
     step_both(&mut one, &mut two, &batch, &start);
 
     // The momentum buffers hold every step's (clipped, weight-decayed) gradient, and unlike
@@ -481,7 +499,7 @@ fn two_cpu_replicas_reproduce_the_single_replica_update() {
     );
 
     let (vs, model) = one.model();
-    check_shard_weighting(model, &trainable_variables(vs), &batch);
+    check_shard_weighting(model, &trainable_variables(vs), &data.iter().collect::<Vec<_>>());
 }
 
 /// Two checkpoint files hold the same names and bitwise-equal tensors.
@@ -730,6 +748,8 @@ fn sgd_and_schedules_match_torch() {
     let reference: SgdReference = serde_json::from_str(&text).expect("sgd.json parses");
     assert_eq!(reference.cases.len(), 4);
     let c = Tensor::from_slice(&reference.c);
+    // Some case must have gradient norms on both sides of its clipping limit.
+    let mut partly_clipped = false;
     for case in &reference.cases {
         let name = &case.name;
         let w1 = Tensor::from_slice(&reference.w1).set_requires_grad(true);
@@ -792,9 +812,10 @@ fn sgd_and_schedules_match_torch() {
             }
         }
         if let Some(max) = case.clip {
-            // The clipping cases must exercise both branches or clip every step on purpose.
             eprintln!("{name}: clipped {clipped} of {} steps at {max}", case.steps.len());
             assert!(clipped > 0, "{name}: clipping never engaged");
+            partly_clipped |= clipped < case.steps.len();
         }
     }
+    assert!(partly_clipped, "no case has steps below its clipping limit");
 }

@@ -14,17 +14,21 @@ pub const METRICS_FILE: &str = "metrics.json";
 /// File name of the precision-recall plot written into `--out`.
 pub const PLOT_FILE: &str = "pr_curve.png";
 
-/// Evaluates a COCO results file against COCO ground truth.
+/// Evaluates a COCO results file against COCO ground truth (file mode), or a model over a
+/// labelled topic (model mode).
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
-    let Some(detections_path) = &args.detections else {
-        bail!(
-            "--detections RESULTS.json is required: `attrstream eval` evaluates a COCO results file \
-             (evaluating a model over a labelled validation topic is not available yet)"
-        );
+    let metrics = match (&args.ground_truth, &args.detections, &args.model) {
+        (Some(gt), Some(detections), None) => {
+            let gt = GroundTruth::from_coco_json(gt)?;
+            let detections = coco_eval::load_results_json(detections)?;
+            coco_eval::evaluate(&gt, &detections)?
+        }
+        (None, None, Some(model)) => evaluate_model(&args, model)?,
+        _ => bail!(
+            "say what to evaluate: --ground-truth GT.json --detections RESULTS.json (file mode), \
+             or --model WEIGHTS --topic LABELLED_TOPIC (model mode)"
+        ),
     };
-    let gt = GroundTruth::from_coco_json(&args.ground_truth)?;
-    let detections = coco_eval::load_results_json(detections_path)?;
-    let metrics = coco_eval::evaluate(&gt, &detections)?;
     report(&metrics);
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -39,6 +43,57 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         plot_path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Model mode: replays the topic (bounded snapshot, no group commits), optionally keeps the
+/// validation side of the product-hash split, runs the model and evaluates its detections.
+fn evaluate_model(args: &EvalArgs, weights: &std::path::Path) -> Result<CocoMetrics> {
+    use crate::model::faster_rcnn::FasterRcnnConfig;
+    use crate::train::replay::{replay, ReplayOptions, ReplayRanges};
+    use crate::train::split::{split, SplitStrategy};
+    let config = crate::serve::load_config_without_serve_schemas(&args.config)?;
+    let topic = args.topic.as_deref().context("--model needs --topic")?;
+    let mut options = ReplayOptions::from_config(&config, topic)?;
+    if !args.ranges.is_empty() {
+        options.ranges = ReplayRanges::parse(&args.ranges).context("--range")?;
+    }
+    let replayed = replay(&options).with_context(|| format!("replaying {topic}"))?;
+    let mut examples = replayed.examples;
+    if let Some(fraction) = args.validation_fraction {
+        let strategy = SplitStrategy::ProductHash {
+            validation_fraction: fraction,
+            salt: args.split_salt.clone(),
+        };
+        examples = split(examples, &strategy)?.validation;
+    }
+    if examples.is_empty() {
+        bail!("no labelled images to evaluate on in {topic} (check --range and --validation-fraction)");
+    }
+    let classes = match &args.classes {
+        Some(c) => c.clone(),
+        None => {
+            let mut names: Vec<String> = examples.iter().flat_map(|e| e.labels.iter().cloned()).collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+    };
+    let mut cfg = FasterRcnnConfig::default();
+    if let Some(meta) = crate::model::weights::read_metadata(weights)?.config {
+        cfg.apply_weights_config(&meta);
+    }
+    cfg.min_size = args.min_size.unwrap_or(cfg.min_size);
+    cfg.max_size = args.max_size.unwrap_or(cfg.max_size);
+    let detector = crate::detection::Detector::load(weights, config_device(&config)?, cfg, true)?;
+    crate::train::evaluate::evaluate_detector(&detector, &examples, &classes, 4)
+}
+
+/// The first configured device (`--devices`), else the default one.
+fn config_device(config: &crate::config::Config) -> Result<tch::Device> {
+    Ok(crate::serve::configured_devices(config)?
+        .first()
+        .copied()
+        .unwrap_or(tch::Device::Cpu))
 }
 
 /// Prints the summary and the per-class table to stdout, warnings to stderr.

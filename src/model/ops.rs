@@ -480,7 +480,13 @@ impl BoxCoder {
         let ctr_x = boxes.select(1, 0) + &widths * 0.5;
         let ctr_y = boxes.select(1, 1) + &heights * 0.5;
         let [wx, wy, ww, wh] = self.weights;
-        let codes = rel_codes.view([k, -1, 4]);
+        // `-1` cannot be inferred for zero boxes: take the per-box count from the last dimension.
+        let per_box = if k > 0 {
+            -1
+        } else {
+            rel_codes.size().last().copied().unwrap_or(4) / 4
+        };
+        let codes = rel_codes.view([k, per_box, 4]);
         let dx = codes.select(2, 0) / wx;
         let dy = codes.select(2, 1) / wy;
         let dw = (codes.select(2, 2) / ww).clamp_max(self.bbox_xform_clip);
@@ -523,5 +529,18 @@ impl BoxCoder {
         let dw = (gt_w / ex_w).log() * ww;
         let dh = (gt_h / ex_h).log() * wh;
         Tensor::stack(&[dx, dy, dw, dh], 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_no_boxes_gives_no_boxes() {
+        let coder = BoxCoder::new([10.0, 10.0, 5.0, 5.0]);
+        let boxes = Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu));
+        let codes = Tensor::zeros([0, 5 * 4], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(coder.decode(&codes, &boxes).size(), vec![0, 5, 4]);
     }
 }

@@ -334,6 +334,12 @@ impl Trainer {
             Some(max) => clip_grad_norm(params, max),
             None => clip_grad_norm(params, f64::INFINITY),
         };
+        if !grad_norm.is_finite() {
+            bail!(
+                "step {step}: the gradient norm is {grad_norm}; the update was skipped to keep the weights \
+                 intact. Lower --lr or set --clip-grad-norm, and resume from the last checkpoint"
+            );
+        }
         self.optimizer.step(params, lr);
         self.broadcast_params();
         self.next_step += 1;

@@ -217,7 +217,13 @@ impl FasterRcnn {
         }
         let padded = (batch.tensors.size()[2], batch.tensors.size()[3]);
         lap(&mut timings.transform);
-        let body = self.body.forward(&batch.tensors);
+        // EXPERIMENT (temporary)
+        let input = if std::env::var_os("ATTRSTREAM_EXP_CL").is_some() {
+            super::backbone::to_channels_last(&batch.tensors)
+        } else {
+            batch.tensors.shallow_clone()
+        };
+        let body = self.body.forward(&input);
         lap(&mut timings.backbone);
         let features = self.fpn.forward(&body);
         lap(&mut timings.fpn);
