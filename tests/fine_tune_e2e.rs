@@ -330,12 +330,26 @@ fn fine_tuning_improves_the_model_and_serve_switches_to_it_without_losing_an_eve
     let eval_dir = dir.path().join("eval");
     let model = out_dir.join("model.safetensors");
     cli(&[
-        "eval", "--model", model.to_str().unwrap(), "--topic", LABELS, "--brokers", &brokers,
-        "--validation-fraction", "0.25", "--devices", "cpu", "--out", eval_dir.to_str().unwrap(),
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--topic",
+        LABELS,
+        "--brokers",
+        &brokers,
+        "--validation-fraction",
+        "0.25",
+        "--devices",
+        "cpu",
+        "--out",
+        eval_dir.to_str().unwrap(),
     ]);
     let evaluated: Value = serde_json::from_slice(&std::fs::read(eval_dir.join("metrics.json")).unwrap()).unwrap();
     let eval_ap50 = evaluated["stats"]["ap50"].as_f64().unwrap();
-    assert!((eval_ap50 - cand_ap50).abs() < 1e-9, "eval {eval_ap50} vs train {cand_ap50}");
+    assert!(
+        (eval_ap50 - cand_ap50).abs() < 1e-9,
+        "eval {eval_ap50} vs train {cand_ap50}"
+    );
 
     // 5. The service switches to v2 while events keep coming.
     let deadline = Instant::now() + Duration::from_secs(120);
