@@ -4,40 +4,52 @@
 //!
 //! A step is what torchvision's reference training loop does per batch: zero the gradients,
 //! the four training losses (forward), backward of their sum, one SGD step (momentum 0.9,
-//! weight decay 1e-4). Ours: `FasterRcnn::training_losses` with `Sampler::random()`,
-//! `TrainingLosses::total().backward()`, `train::sgd::Sgd::step` over
-//! `trainable_variables`. Theirs: `benches/torchvision_train_step.py`, a server process
-//! that builds the training parity test's seeded model (FrozenBatchNorm2d ResNet-50,
-//! `_resnet_fpn_extractor(body, layers)`), writes its weights for us
-//! (`FasterRcnn::load_for_fine_tuning` loads them) and runs a step per request. Both seed
-//! libtorch's generator alike before each step, so the first steps sample the same anchors and
-//! proposals; the losses of the first warm-up step are compared (a check that both sides do
-//! the same work) and the run fails when they differ by more than 1e-3 relative.
+//! weight decay 1e-4, learning rate 0.0025). Ours: `FasterRcnn::training_losses` with
+//! `Sampler::random()` (NCHW activations, torchvision's own operations: the default), the
+//! same with `ActivationLayout::ChannelsLast`, then `TrainingLosses::total().backward()` and
+//! `train::sgd::Sgd::step` over `trainable_variables`. Theirs:
+//! `benches/torchvision_train_step.py`, a server process that builds the training parity
+//! test's seeded model (FrozenBatchNorm2d ResNet-50, `_resnet_fpn_extractor(body, layers)`,
+//! 5 classes), writes its weights for us (`FasterRcnn::load_for_fine_tuning` loads them) and
+//! runs one step per request. Both sides seed libtorch's generator alike before each step,
+//! so their first steps sample the same anchors and proposals: the losses of the first
+//! warm-up step are compared (both sides must do the same work) and the run fails when they
+//! differ by more than 1e-3 relative.
 //!
 //! The batch: `BENCH_BATCH` seeded synthetic images (`train::synthetic`, 640×480, 1–4 boxes
-//! each, 4 classes) written as PNG files that both sides read. After `BENCH_WARMUP` steps
-//! each, `BENCH_REPS` timed steps alternate (torchvision first on even repetitions, ours
-//! first on odd ones) so that both meet the same machine load. Printed: median (and min,
-//! max) seconds per step of each side, the ratio ours / torchvision (goal ≤ 0.9), the peak
-//! RSS of each process, the median time of each stage of a step on both sides (transform,
-//! ResNet body, FPN, RPN, box head, the whole forward, backward, optimizer; torchvision's
-//! from forward hooks, ours from `TrainingLosses::timings`), and a JSON result
-//! (`BENCH_JSON`, default `target/bench/train_step.json`).
+//! each, 4 classes) written as PNG files that both sides read. After `BENCH_WARMUP` rounds,
+//! `BENCH_REPS` rounds are timed; each round runs one step of every side, in an order that
+//! rotates from round to round, so that all sides meet the same machine load. Both models
+//! train all the while; the two layouts of ours take turns on one model and optimizer.
+//!
+//! Subnormal floats are flushed to zero on both sides (`torch.set_flush_denormal(True)` and
+//! the same MXCSR bits here) unless `BENCH_FLUSH_DENORMAL=0`: after a few steps on this
+//! batch some gradients become subnormal and the backward pass of both sides slows down by
+//! 2–3x, which would make the figures depend on how far training has gone.
+//!
+//! Printed: per side the median, min and max seconds per step, the median CPU seconds, the
+//! ratio to torchvision (goal ≤ 0.9) and the peak RSS of the process; then the median time
+//! of each stage (transform, ResNet body, FPN, RPN, box head, the whole forward, backward,
+//! optimizer; torchvision's from forward hooks, ours from `TrainingLosses::timings`); and a
+//! JSON result (`BENCH_JSON`, default `target/bench/train_step.json`).
 //!
 //! Run: `scripts/bench-train` (or `cargo bench --bench train_step`). Environment:
 //! `BENCH_SIZE` (min_size, default 512), `BENCH_MAX_SIZE` (default 1333), `BENCH_BATCH`
 //! (images per step, default 2), `BENCH_LAYERS` (trainable backbone layers 0–5, default 3),
 //! `BENCH_REPS` (timed steps per side, default 5), `BENCH_WARMUP` (default 1),
-//! `BENCH_THREADS` (libtorch threads of each side, default 2), `BENCH_TRAINER=1` (also time `train::trainer::Trainer::step`, what
-//! `attrstream train` runs, with flips off and no clipping). Needs the reference Python
-//! environment (`scripts/setup --test`). Figures and what they mean: docs/bench-train.md.
+//! `BENCH_THREADS` (libtorch threads of each side, default 2), `BENCH_FLUSH_DENORMAL`
+//! (default 1), `BENCH_TRAINER=1` (also time `train::trainer::Trainer::step`, what
+//! `attrstream train` runs, with flips off and no clipping, on a third model), `BENCH_JSON`.
+//! Needs the reference Python environment (`scripts/setup --test`). Figures and what they
+//! mean: docs/bench-train.md.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use attrstream::model::faster_rcnn::training::ActivationLayout;
 use attrstream::model::faster_rcnn::{trainable_variables, FasterRcnn, FasterRcnnConfig, Sampler, Target};
 use attrstream::preprocess::{decode_image, to_tensor, DEFAULT_MAX_PIXELS};
 use attrstream::train::sgd::{Decay, LrSchedule, Sgd, SgdConfig};
@@ -52,13 +64,13 @@ mod common;
 use common::{env_or, python, root};
 
 /// Learning rate of both optimizers: torchvision's recipe (0.02 for 16 images) scaled to a
-/// batch of 2, small enough that random weights do not diverge during the run.
+/// batch of 2, small enough that the random weights do not diverge during the run.
 const LR: f64 = 0.0025;
 /// Seed of the synthetic batch.
 const DATA_SEED: u64 = 5;
-/// Seed of libtorch's generator before step `i` is `STEP_SEED + i` on both sides.
+/// libtorch's generator is seeded with `STEP_SEED + round` before each step, on every side.
 const STEP_SEED: i64 = 1000;
-/// Largest relative difference between the two sides' first losses.
+/// Largest relative difference allowed between the two sides' first losses.
 const LOSS_AGREEMENT: f64 = 1e-3;
 
 /// The benchmark's knobs.
@@ -93,7 +105,10 @@ impl Settings {
         };
         ensure!(s.batch >= 1, "BENCH_BATCH must be at least 1");
         ensure!(s.reps >= 1, "BENCH_REPS must be at least 1");
-        ensure!(s.warmup >= 1, "BENCH_WARMUP must be at least 1 (its losses are compared)");
+        ensure!(
+            s.warmup >= 1,
+            "BENCH_WARMUP must be at least 1 (the first step's losses are compared)"
+        );
         ensure!(s.threads >= 1, "BENCH_THREADS must be at least 1");
         ensure!(s.layers <= 5, "BENCH_LAYERS must be between 0 and 5");
         ensure!(
@@ -111,7 +126,8 @@ struct BatchImage {
     labels: Vec<i64>,
 }
 
-/// Writes `n` seeded synthetic images (640×480, 1–4 objects of 48–160 px) as PNG files into `dir`.
+/// Writes `n` seeded synthetic images (640×480, 1–4 objects of 48–160 px) as PNG files into
+/// `dir`.
 fn write_batch(dir: &Path, n: usize) -> Result<Vec<BatchImage>> {
     let mut cfg = SynthConfig::new(n, DATA_SEED);
     cfg.width = 640;
@@ -122,7 +138,9 @@ fn write_batch(dir: &Path, n: usize) -> Result<Vec<BatchImage>> {
     let images = generate(&cfg)?
         .map(|s| {
             let path = dir.join(s.file_name());
-            s.image.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            s.image
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
             Ok(BatchImage {
                 path,
                 boxes: s.objects.iter().map(|o| o.bbox.map(|v| v as f32)).collect(),
@@ -131,6 +149,36 @@ fn write_batch(dir: &Path, n: usize) -> Result<Vec<BatchImage>> {
         })
         .collect();
     images
+}
+
+/// The stages of a step as printed, with torchvision's name for each (from the hooks of
+/// benches/torchvision_train_step.py; `None`: torchvision has no separate figure). Ours
+/// split the RPN into proposal selection and the loss. The forward includes zeroing the
+/// gradients on both sides.
+const STAGES: [(&str, Option<&str>); 10] = [
+    ("transform", Some("transform")),
+    ("backbone", Some("backbone.body")),
+    ("fpn", Some("backbone.fpn")),
+    ("rpn", Some("rpn")),
+    ("  rpn proposals", None),
+    ("  rpn loss", None),
+    ("box head", Some("roi_heads")),
+    ("forward", Some("forward")),
+    ("backward", Some("backward")),
+    ("optimizer", Some("optimizer")),
+];
+
+/// What one side reports for one step.
+struct Step {
+    /// The whole step (zero_grad, forward, backward, optimizer), seconds.
+    seconds: f64,
+    /// CPU seconds the process used during the step (all threads; less sensitive to other
+    /// work on the machine than the wall time, but it counts OpenMP's spin-waiting).
+    cpu_seconds: f64,
+    /// The four losses by torchvision's names, sorted by name.
+    losses: Vec<(String, f64)>,
+    /// Seconds per stage, in the order of [`STAGES`] (NaN where a side has no figure).
+    stages: Vec<f64>,
 }
 
 /// The torchvision server process (benches/torchvision_train_step.py).
@@ -172,7 +220,7 @@ impl Reference {
             bail!("the torchvision process exited early (its error is printed above)");
         }
         let reply: Value =
-            serde_json::from_str(&line).with_context(|| format!("torchvision process replied {line:?}"))?;
+            serde_json::from_str(&line).with_context(|| format!("the torchvision process replied {line:?}"))?;
         if let Some(error) = reply.get("error") {
             bail!("torchvision process: {error}");
         }
@@ -192,15 +240,23 @@ impl Reference {
             .as_f64()
             .with_context(|| format!("no seconds in torchvision's reply {reply}"))?;
         let stage = |name: &str| reply["stages"][name].as_f64().unwrap_or(f64::NAN);
-        let stages = STAGES
-            .iter()
-            .map(|&(ours, theirs)| (ours, theirs.map_or(f64::NAN, stage)))
-            .collect();
+        let mut losses: Vec<(String, f64)> = reply["losses"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        losses.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Step {
             seconds,
             cpu_seconds: reply["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
-            losses: losses(&reply),
-            stages,
+            losses,
+            stages: STAGES
+                .iter()
+                .map(|(_, theirs)| theirs.map_or(f64::NAN, stage))
+                .collect(),
         })
     }
 
@@ -210,45 +266,6 @@ impl Reference {
         let _ = self.child.wait();
         Ok(reply["peak_rss_mb"].as_f64().unwrap_or(f64::NAN))
     }
-}
-
-fn losses(reply: &Value) -> Vec<(String, f64)> {
-    let mut v: Vec<(String, f64)> = reply["losses"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN))).collect())
-        .unwrap_or_default();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// The stages of a step as printed, with torchvision's name for each (from the hooks of
-/// benches/torchvision_train_step.py; `None`: torchvision has no separate figure). Ours
-/// split the RPN into proposal selection and the loss. The forward includes zeroing the
-/// gradients on both sides.
-const STAGES: [(&str, Option<&str>); 10] = [
-    ("transform", Some("transform")),
-    ("backbone", Some("backbone.body")),
-    ("fpn", Some("backbone.fpn")),
-    ("rpn", Some("rpn")),
-    ("  rpn proposals", None),
-    ("  rpn loss", None),
-    ("box head", Some("roi_heads")),
-    ("forward", Some("forward")),
-    ("backward", Some("backward")),
-    ("optimizer", Some("optimizer")),
-];
-
-/// What one side reports for one step.
-struct Step {
-    /// The whole step (zero_grad, forward, backward, optimizer), seconds.
-    seconds: f64,
-    /// CPU seconds the process used during the step (all threads; less sensitive to other
-    /// work on the machine than the wall time, but it counts OpenMP's spin-waiting).
-    cpu_seconds: f64,
-    /// The four losses by torchvision's names, sorted by name.
-    losses: Vec<(String, f64)>,
-    /// Seconds per stage, in the order of [`STAGES`] (NaN where a side has no figure).
-    stages: Vec<(&'static str, f64)>,
 }
 
 /// Our model, optimizer and batch: the core training step.
@@ -277,17 +294,17 @@ impl Ours {
         })
     }
 
-    /// One timed step.
-    fn step(&mut self, seed: i64) -> Result<Step> {
+    /// One timed step with the activations in `layout`.
+    fn step(&mut self, seed: i64, layout: ActivationLayout) -> Result<Step> {
         tch::manual_seed(seed);
         let cpu_start = process_cpu_seconds();
         let start = Instant::now();
         for (_, p) in &self.params {
             p.shallow_clone().zero_grad();
         }
-        let losses = self
-            .model
-            .training_losses(&self.images, &self.targets, &mut Sampler::random())?;
+        let losses =
+            self.model
+                .training_losses_with_layout(&self.images, &self.targets, &mut Sampler::random(), layout)?;
         let total = losses.total();
         let forward_done = Instant::now();
         total.backward();
@@ -298,18 +315,18 @@ impl Ours {
         let mut values: Vec<(String, f64)> = losses.values().iter().map(|(k, v)| (k.to_string(), *v)).collect();
         values.sort_by(|a, b| a.0.cmp(&b.0));
         let t = losses.timings;
-        let secs = |d: std::time::Duration| d.as_secs_f64();
+        let secs = |d: Duration| d.as_secs_f64();
         let stages = vec![
-            ("transform", secs(t.transform)),
-            ("backbone", secs(t.backbone)),
-            ("fpn", secs(t.fpn)),
-            ("rpn", secs(t.rpn_proposals + t.rpn_loss)),
-            ("  rpn proposals", secs(t.rpn_proposals)),
-            ("  rpn loss", secs(t.rpn_loss)),
-            ("box head", secs(t.box_head)),
-            ("forward", secs(forward_done - start)),
-            ("backward", secs(backward_done - forward_done)),
-            ("optimizer", secs(end - backward_done)),
+            secs(t.transform),
+            secs(t.backbone),
+            secs(t.fpn),
+            secs(t.rpn_proposals + t.rpn_loss),
+            secs(t.rpn_proposals),
+            secs(t.rpn_loss),
+            secs(t.box_head),
+            secs(forward_done - start),
+            secs(backward_done - forward_done),
+            secs(end - backward_done),
         ];
         Ok(Step {
             seconds: secs(end - start),
@@ -325,59 +342,115 @@ fn read_image(path: &Path) -> Result<Tensor> {
     Ok(to_tensor(&decode_image(&bytes, DEFAULT_MAX_PIXELS)?, Device::Cpu))
 }
 
-/// `attrstream train`'s step (`Trainer::step`) on the same batch, flips off, no clipping.
-fn trainer(weights: &Path, cfg: &FasterRcnnConfig, s: &Settings) -> Result<Trainer> {
-    let settings = TrainSettings {
-        batch_size: s.batch,
-        steps: u64::MAX,
-        schedule: LrSchedule {
-            base_lr: LR,
-            warmup_steps: 0,
-            warmup_factor: 1.0,
-            decay: Decay::Constant,
-            total_steps: u64::MAX,
-        },
-        sgd: SgdConfig::default(),
-        hflip_prob: 0.0,
-        clip_grad_norm: None,
-        seed: DATA_SEED,
-        deterministic_sampling: false,
-    };
-    Trainer::new(
-        &[Device::Cpu],
-        |device| {
-            let (vs, model, _) = FasterRcnn::load_for_fine_tuning(weights, device, cfg.clone(), s.layers)?;
-            Ok((vs, model))
-        },
-        settings,
-    )
+/// `attrstream train`'s step (`Trainer::step`) on its own model, flips off, no clipping.
+struct TrainerSide {
+    trainer: Trainer,
+    examples: Vec<TrainExample>,
 }
 
-fn train_examples(batch: &[BatchImage]) -> Result<Vec<TrainExample>> {
-    batch
-        .iter()
-        .map(|b| {
-            let target = Target::new(&b.boxes, &b.labels);
-            Ok(TrainExample {
-                image: read_image(&b.path)?,
-                boxes: target.boxes,
-                labels: target.labels,
+impl TrainerSide {
+    fn load(weights: &Path, cfg: &FasterRcnnConfig, s: &Settings, batch: &[BatchImage]) -> Result<Self> {
+        let settings = TrainSettings {
+            batch_size: s.batch,
+            steps: u64::MAX,
+            schedule: LrSchedule {
+                base_lr: LR,
+                warmup_steps: 0,
+                warmup_factor: 1.0,
+                decay: Decay::Constant,
+                total_steps: u64::MAX,
+            },
+            sgd: SgdConfig::default(),
+            hflip_prob: 0.0,
+            clip_grad_norm: None,
+            seed: DATA_SEED,
+            deterministic_sampling: false,
+        };
+        let layers = s.layers;
+        let trainer = Trainer::new(
+            &[Device::Cpu],
+            |device| {
+                let (vs, model, _) = FasterRcnn::load_for_fine_tuning(weights, device, cfg.clone(), layers)?;
+                Ok((vs, model))
+            },
+            settings,
+        )?;
+        let examples = batch
+            .iter()
+            .map(|b| {
+                let target = Target::new(&b.boxes, &b.labels);
+                Ok(TrainExample {
+                    image: read_image(&b.path)?,
+                    boxes: target.boxes,
+                    labels: target.labels,
+                })
             })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { trainer, examples })
+    }
+
+    /// One timed step (wall and CPU time only: the trainer reports no stages).
+    fn step(&mut self) -> Result<Step> {
+        let cpu_start = process_cpu_seconds();
+        let start = Instant::now();
+        let stats = self.trainer.step(&self.examples.iter().collect::<Vec<_>>())?;
+        Ok(Step {
+            seconds: start.elapsed().as_secs_f64(),
+            cpu_seconds: process_cpu_seconds() - cpu_start,
+            losses: vec![
+                ("loss_box_reg".into(), stats.box_reg),
+                ("loss_classifier".into(), stats.classifier),
+                ("loss_objectness".into(), stats.objectness),
+                ("loss_rpn_box_reg".into(), stats.rpn_box_reg),
+            ],
+            stages: vec![f64::NAN; STAGES.len()],
         })
-        .collect()
+    }
+}
+
+/// The sides of the comparison, in the printed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Torchvision,
+    Ours,
+    OursChannelsLast,
+    Trainer,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Torchvision => "torchvision",
+            Side::Ours => "attrstream",
+            Side::OursChannelsLast => "attrstream NHWC",
+            Side::Trainer => "attrstream Trainer",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Side::Torchvision => "torchvision",
+            Side::Ours => "attrstream",
+            Side::OursChannelsLast => "attrstream_channels_last",
+            Side::Trainer => "attrstream_trainer",
+        }
+    }
 }
 
 /// Median, min and max.
-fn summary(times: &[f64]) -> (f64, f64, f64) {
-    let mut t = times.to_vec();
-    t.sort_by(f64::total_cmp);
-    let n = t.len();
+fn summary(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
     let median = if n % 2 == 1 {
-        t[n / 2]
+        v[n / 2]
     } else {
-        (t[n / 2 - 1] + t[n / 2]) / 2.0
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     };
-    (median, t[0], t[n - 1])
+    (median, v[0], v[n - 1])
 }
 
 /// CPU time this process has used, user and system, all threads (Linux `/proc/self/stat`,
@@ -386,7 +459,8 @@ fn process_cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return f64::NAN;
     };
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    // The fields after the parenthesised command name start with field 3 (state); utime is
+    // field 14, stime 15.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
         return f64::NAN;
     };
@@ -423,10 +497,22 @@ fn loss_difference(ours: &[(String, f64)], theirs: &[(String, f64)]) -> Result<f
         .fold(0.0, f64::max))
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
+/// The 1-minute load average and the share of the last 60 s in which some task waited for a
+/// CPU (Linux PSI), to judge how quiet the machine was.
+fn machine_load() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().next().unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into());
+    let pressure = std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("avg60=").map(str::to_string))
+            })
+        })
+        .unwrap_or_else(|| "?".into());
+    format!("load average {load}, CPU pressure {pressure}% over 60 s")
 }
 
 /// Sets flush-to-zero and denormals-are-zero (MXCSR bits 15 and 6) on this thread, as
@@ -436,8 +522,8 @@ fn flush_denormals() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         let mut csr: u32 = 0;
-        // SAFETY: stmxcsr/ldmxcsr read and write the SSE control register through a valid,
-        // aligned u32; setting FTZ and DAZ only changes how subnormal floats are rounded.
+        // SAFETY: stmxcsr/ldmxcsr store and load the SSE control register through a valid,
+        // aligned u32; setting FTZ and DAZ only changes how subnormal floats are treated.
         unsafe {
             std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
             csr |= 0x8040;
@@ -455,6 +541,10 @@ fn run() -> Result<()> {
     let s = Settings::from_env()?;
     // Before any libtorch work, so that its OpenMP threads inherit the setting.
     let flushing = s.flush_denormal && flush_denormals();
+    ensure!(
+        flushing == s.flush_denormal,
+        "this CPU cannot flush denormals here: run with BENCH_FLUSH_DENORMAL=0"
+    );
     tch::set_num_threads(s.threads as i32);
     let dir = tempfile::tempdir()?;
     let batch = write_batch(dir.path(), s.batch)?;
@@ -475,11 +565,19 @@ fn run() -> Result<()> {
     let weights = dir.path().join("weights.safetensors");
     let boxes: Vec<usize> = batch.iter().map(|b| b.boxes.len()).collect();
     eprintln!(
-        "train step: batch {} synthetic 640x480 images ({boxes:?} boxes), min_size {}, max_size {}, {} trainable backbone layers, {} threads, {} warm-up + {} timed steps per side, denormals {}",
-        s.batch, s.min_size, s.max_size, s.layers, s.threads, s.warmup, s.reps,
+        "train step: {} synthetic 640x480 images ({boxes:?} boxes), min_size {}, max_size {}, {} trainable backbone \
+         layers, {} threads, {} warm-up + {} timed rounds, denormals {}",
+        s.batch,
+        s.min_size,
+        s.max_size,
+        s.layers,
+        s.threads,
+        s.warmup,
+        s.reps,
         if flushing { "flushed to zero" } else { "kept" }
     );
-    eprintln!("load average before: {}", load_average());
+    let load_before = machine_load();
+    eprintln!("before: {load_before}");
 
     let (mut theirs, ready) = Reference::start(&weights, &spec_file, s.threads)?;
     let cfg = FasterRcnnConfig {
@@ -489,154 +587,171 @@ fn run() -> Result<()> {
         ..Default::default()
     };
     let mut ours = Ours::load(&weights, &cfg, s.layers, &batch)?;
-    let our_params: i64 = ours.params.iter().map(|(_, p)| p.numel() as i64).sum();
+    let our_params: i64 = ours.params.iter().map(|(_, p)| p.numel()).sum::<usize>() as i64;
     let their_params = ready["trainable_parameters"].as_i64().unwrap_or(-1);
     ensure!(
         our_params == their_params,
         "trainable parameters differ: ours {our_params}, torchvision's {their_params}"
     );
     let mut trainer = if s.trainer {
-        Some((trainer(&weights, &cfg, &s)?, train_examples(&batch)?))
+        Some(TrainerSide::load(&weights, &cfg, &s, &batch)?)
     } else {
         None
     };
+    let mut sides = vec![Side::Torchvision, Side::Ours, Side::OursChannelsLast];
+    if trainer.is_some() {
+        sides.push(Side::Trainer);
+    }
 
-    let mut first = None;
-    for i in 0..s.warmup {
-        let seed = STEP_SEED + i as i64;
-        let t = theirs.step(seed)?;
-        let o = ours.step(seed)?;
-        eprintln!("warm-up {i}: torchvision {:.3} s, ours {:.3} s", t.seconds, o.seconds);
-        if i == 0 {
-            first = Some((o.losses, t.losses));
+    let mut run_step = |side: Side, seed: i64| -> Result<Step> {
+        match side {
+            Side::Torchvision => theirs.step(seed),
+            Side::Ours => ours.step(seed, ActivationLayout::Nchw),
+            Side::OursChannelsLast => ours.step(seed, ActivationLayout::ChannelsLast),
+            Side::Trainer => match trainer.as_mut() {
+                Some(t) => t.step(),
+                None => bail!("no trainer side"),
+            },
         }
-        if let Some((t, examples)) = trainer.as_mut() {
-            t.step(&examples.iter().collect::<Vec<_>>())?;
+    };
+
+    // Warm-up; the first round runs torchvision then ours (NCHW) from the same weights with
+    // the same seed, and their losses are compared.
+    let mut difference = f64::NAN;
+    for round in 0..s.warmup {
+        let seed = STEP_SEED + round as i64;
+        let mut line = format!("warm-up {round}:");
+        let mut first: Vec<Vec<(String, f64)>> = Vec::new();
+        for &side in &sides {
+            let step = run_step(side, seed)?;
+            line += &format!(" {} {:.3} s,", side.name(), step.seconds);
+            first.push(step.losses);
+        }
+        eprintln!("{}", line.trim_end_matches(','));
+        if round == 0 {
+            difference = loss_difference(&first[1], &first[0])?;
+            for ((name, a), (_, b)) in first[1].iter().zip(&first[0]) {
+                eprintln!("first step {name}: ours {a:.6} torchvision {b:.6}");
+            }
+            ensure!(
+                difference <= LOSS_AGREEMENT,
+                "the first step's losses differ by {difference:.2e} (relative): the two sides do not compute \
+                 the same step"
+            );
         }
     }
-    let (first_ours, first_theirs) = first.context("no warm-up step ran")?;
-    let difference = loss_difference(&first_ours, &first_theirs)?;
-    for ((name, a), (_, b)) in first_ours.iter().zip(&first_theirs) {
-        eprintln!("first step {name}: ours {a:.6} torchvision {b:.6}");
-    }
-    ensure!(
-        difference <= LOSS_AGREEMENT,
-        "the first step's losses differ by {difference:.2e} (relative): the two sides do not compute the same step"
-    );
 
-    let (mut ours_steps, mut theirs_steps, mut trainer_t) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..s.reps {
-        let seed = STEP_SEED + (s.warmup + r) as i64;
-        if r % 2 == 0 {
-            theirs_steps.push(theirs.step(seed)?);
-            ours_steps.push(ours.step(seed)?);
-        } else {
-            ours_steps.push(ours.step(seed)?);
-            theirs_steps.push(theirs.step(seed)?);
+    let mut steps: Vec<Vec<Step>> = sides.iter().map(|_| Vec::new()).collect();
+    for round in 0..s.reps {
+        let seed = STEP_SEED + (s.warmup + round) as i64;
+        let mut line = format!("round {round}:");
+        for k in 0..sides.len() {
+            let i = (round + k) % sides.len();
+            let step = run_step(sides[i], seed)?;
+            line += &format!(
+                " {} {:.3} s ({:.2} CPU s),",
+                sides[i].name(),
+                step.seconds,
+                step.cpu_seconds
+            );
+            steps[i].push(step);
         }
-        if std::env::var_os("BENCH_AB").is_some() {
-            // EXPERIMENT (temporary): ours with ATTRSTREAM_EXP_CL set.
-            std::env::set_var("ATTRSTREAM_EXP_CL", "1");
-            let b = ours.step(seed)?;
-            std::env::remove_var("ATTRSTREAM_EXP_CL");
-            eprintln!("   B: {:.3} s ({:.2} CPU s) stages {:?}", b.seconds, b.cpu_seconds, b.stages);
-            eprintln!("   A: stages {:?}", ours_steps[r].stages);
-            trainer_t.push(b.seconds);
-        }
-        if let Some((t, examples)) = trainer.as_mut() {
-            let start = Instant::now();
-            t.step(&examples.iter().collect::<Vec<_>>())?;
-            trainer_t.push(start.elapsed().as_secs_f64());
-        }
-        eprintln!(
-            "step {r}: torchvision {:.3} s ({:.2} CPU s), ours {:.3} s ({:.2} CPU s){}",
-            theirs_steps[r].seconds,
-            theirs_steps[r].cpu_seconds,
-            ours_steps[r].seconds,
-            ours_steps[r].cpu_seconds,
-            trainer_t.get(r).map(|t| format!(", Trainer::step {t:.3} s")).unwrap_or_default()
-        );
+        eprintln!("{}", line.trim_end_matches(','));
     }
     let their_rss = theirs.quit()?;
     let our_rss = peak_rss_mb();
-    let load_after = load_average();
+    let load_after = machine_load();
 
-    let ours_t: Vec<f64> = ours_steps.iter().map(|x| x.seconds).collect();
-    let theirs_t: Vec<f64> = theirs_steps.iter().map(|x| x.seconds).collect();
-    let ours_cpu = summary(&ours_steps.iter().map(|x| x.cpu_seconds).collect::<Vec<_>>()).0;
-    let theirs_cpu = summary(&theirs_steps.iter().map(|x| x.cpu_seconds).collect::<Vec<_>>()).0;
-    let (ours_med, ours_min, ours_max) = summary(&ours_t);
-    let (theirs_med, theirs_min, theirs_max) = summary(&theirs_t);
-    let trainer_summary = (!trainer_t.is_empty()).then(|| summary(&trainer_t));
-    let ratio = ours_med / theirs_med;
-    println!(
-        "{:<20} {:>10} {:>8} {:>8} {:>10} {:>12}",
-        "side", "s/step", "min", "max", "CPU s/step", "peak RSS MB"
-    );
-    println!(
-        "{:<20} {theirs_med:>10.3} {theirs_min:>8.3} {theirs_max:>8.3} {theirs_cpu:>10.2} {their_rss:>12.0}",
-        "torchvision"
-    );
-    println!(
-        "{:<20} {ours_med:>10.3} {ours_min:>8.3} {ours_max:>8.3} {ours_cpu:>10.2} {our_rss:>12.0}",
-        "attrstream"
-    );
-    if let Some((med, min, max)) = trainer_summary {
-        println!("{:<20} {med:>10.3} {min:>8.3} {max:>8.3}", "attrstream Trainer");
-    }
-    println!(
-        "ratio ours / torchvision: {ratio:.3} (goal <= 0.9: {}); CPU time ratio {:.3}",
-        if ratio <= 0.9 { "met" } else { "MISSED" },
-        ours_cpu / theirs_cpu
-    );
-    if let Some((med, _, _)) = trainer_summary {
-        println!("ratio Trainer::step / torchvision: {:.3}", med / theirs_med);
-    }
-    let stage_medians = |steps: &[Step]| -> Vec<f64> {
-        (0..STAGES.len())
-            .map(|i| summary(&steps.iter().map(|x| x.stages[i].1).collect::<Vec<_>>()).0)
-            .collect()
+    let medians: Vec<(f64, f64, f64)> = steps
+        .iter()
+        .map(|v| summary(&v.iter().map(|x| x.seconds).collect::<Vec<_>>()))
+        .collect();
+    let cpu: Vec<f64> = steps
+        .iter()
+        .map(|v| summary(&v.iter().map(|x| x.cpu_seconds).collect::<Vec<_>>()).0)
+        .collect();
+    let reference = medians[0].0;
+    let rss = |side: Side| match side {
+        Side::Torchvision => their_rss,
+        _ => our_rss,
     };
-    let (ours_stages, theirs_stages) = (stage_medians(&ours_steps), stage_medians(&theirs_steps));
+    println!(
+        "{:<20} {:>8} {:>8} {:>8} {:>8} {:>10} {:>11}",
+        "side", "s/step", "min", "max", "ratio", "CPU s/step", "peak RSS MB"
+    );
+    for (i, side) in sides.iter().enumerate() {
+        let (median, min, max) = medians[i];
+        println!(
+            "{:<20} {median:>8.3} {min:>8.3} {max:>8.3} {:>8.3} {:>10.2} {:>11.0}",
+            side.name(),
+            median / reference,
+            cpu[i],
+            rss(*side)
+        );
+    }
+    let ratio = medians[1].0 / reference;
+    let ratio_channels_last = medians[2].0 / reference;
+    let verdict = |r: f64| if r <= 0.9 { "met" } else { "MISSED" };
+    println!(
+        "ratio attrstream / torchvision: {ratio:.3} (goal <= 0.9: {}); with NHWC activations {ratio_channels_last:.3} \
+         ({})",
+        verdict(ratio),
+        verdict(ratio_channels_last)
+    );
+    println!("(the attrstream sides share one process and model: one peak RSS for both)");
+
+    let stage_medians: Vec<Vec<f64>> = steps
+        .iter()
+        .map(|v| {
+            (0..STAGES.len())
+                .map(|j| summary(&v.iter().map(|x| x.stages[j]).collect::<Vec<_>>()).0)
+                .collect()
+        })
+        .collect();
     println!("\nmedian seconds per stage:");
-    println!("{:<20} {:>12} {:>10} {:>8}", "stage", "torchvision", "ours", "ratio");
-    for (i, (name, _)) in STAGES.iter().enumerate() {
-        let (t, o) = (theirs_stages[i], ours_stages[i]);
-        let cell = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.3}") };
-        println!("{name:<20} {:>12} {:>10} {:>8}", cell(t), cell(o), cell(o / t));
+    print!("{:<18}", "stage");
+    for side in &sides[..3] {
+        print!(" {:>16}", side.name());
     }
-    println!("load average after: {load_after}");
+    println!();
+    for (j, (name, _)) in STAGES.iter().enumerate() {
+        print!("{name:<18}");
+        for stage in &stage_medians[..3] {
+            let v = stage[j];
+            let cell = if v.is_nan() { "-".to_string() } else { format!("{v:.3}") };
+            print!(" {cell:>16}");
+        }
+        println!();
+    }
+    println!("before: {load_before}; after: {load_after}");
 
-    let stage_json = |medians: &[f64]| -> serde_json::Map<String, Value> {
-        STAGES
-            .iter()
-            .zip(medians)
-            .filter(|(_, v)| !v.is_nan())
-            .map(|((name, _), v)| (name.trim().to_string(), json!(v)))
-            .collect()
-    };
-    let result = json!({
+    let mut result = json!({
         "settings": {
             "min_size": s.min_size, "max_size": s.max_size, "batch": s.batch,
             "trainable_backbone_layers": s.layers, "reps": s.reps, "warmup": s.warmup,
             "threads": s.threads, "lr": LR, "images": "synthetic 640x480", "boxes": boxes,
             "flush_denormal": flushing,
         },
-        "torchvision": {
-            "median_s": theirs_med, "min_s": theirs_min, "max_s": theirs_max, "steps_s": theirs_t,
-            "median_cpu_s": theirs_cpu, "peak_rss_mb": their_rss, "stage_medians_s": stage_json(&theirs_stages),
-        },
-        "attrstream": {
-            "median_s": ours_med, "min_s": ours_min, "max_s": ours_max, "steps_s": ours_t,
-            "median_cpu_s": ours_cpu, "peak_rss_mb": our_rss, "stage_medians_s": stage_json(&ours_stages),
-        },
-        "trainer": trainer_summary.map(|(med, min, max)| json!({"median_s": med, "min_s": min, "max_s": max, "steps_s": trainer_t})),
         "ratio": ratio,
-        "cpu_ratio": ours_cpu / theirs_cpu,
+        "ratio_channels_last": ratio_channels_last,
         "goal_met": ratio <= 0.9,
         "first_step_loss_relative_difference": difference,
-        "load_average_after": load_after,
+        "machine_before": load_before,
+        "machine_after": load_after,
     });
+    for (i, side) in sides.iter().enumerate() {
+        let stages: serde_json::Map<String, Value> = STAGES
+            .iter()
+            .zip(&stage_medians[i])
+            .filter(|(_, v)| !v.is_nan())
+            .map(|((name, _), v)| (name.trim().replace(' ', "_"), json!(v)))
+            .collect();
+        result[side.key()] = json!({
+            "median_s": medians[i].0, "min_s": medians[i].1, "max_s": medians[i].2,
+            "steps_s": steps[i].iter().map(|x| x.seconds).collect::<Vec<_>>(),
+            "median_cpu_s": cpu[i], "peak_rss_mb": rss(*side), "stage_medians_s": stages,
+        });
+    }
     if let Some(parent) = s.json.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -68,6 +68,24 @@ pub struct TrainingLosses {
     pub timings: StageTimings,
 }
 
+/// Memory layout of the activations in a training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationLayout {
+    /// NCHW, torchvision's own: the same operations on the same layouts, so losses and
+    /// gradients equal torchvision's to float rounding (what the parity tests check).
+    #[default]
+    Nchw,
+    /// Channels-last (NHWC) on the CPU: every convolution, forward and backward, runs on
+    /// oneDNN's NHWC kernels without reordering its input and output, and the training
+    /// RoIAlign's pixel table becomes a view. About 15% less time per step on 2 cores
+    /// (benches/train_step.rs, docs/bench-train.md). Values differ from torchvision's by
+    /// float rounding only, but like torchvision's own channels-last mode that can tip a
+    /// near-tie (a ReLU input at zero, an overlap at an NMS threshold) and so move single
+    /// gradient entries by a few percent (2.5e-2 relative on one parity probe, the same
+    /// for torchvision NCHW vs NHWC). GPUs keep NCHW (not measured there).
+    ChannelsLast,
+}
+
 /// Wall time of each part of a training forward pass, on the calling thread (for profiling:
 /// `benches/train_step.rs` prints them beside torchvision's). On a GPU, kernels run
 /// asynchronously, so without a device synchronisation these are mostly launch times.
@@ -167,18 +185,32 @@ impl FasterRcnn {
     /// [`super::fine_tune::freeze_backbone_layers`] receive gradients (proposals are
     /// detached, batch norm is frozen). The model must not have been
     /// [optimized for inference](FasterRcnn::optimize_for_inference).
+    ///
+    /// Activations are NCHW, as torchvision's ([`ActivationLayout::Nchw`]);
+    /// [`FasterRcnn::training_losses_with_layout`] chooses the faster channels-last layout.
     pub fn training_losses(
         &self,
         images: &[Tensor],
         targets: &[Target],
         sampling: &mut Sampler,
     ) -> Result<TrainingLosses, TrainingError> {
+        self.training_losses_with_layout(images, targets, sampling, ActivationLayout::Nchw)
+    }
+
+    /// [`FasterRcnn::training_losses`] with the activations laid out as `layout` says.
+    pub fn training_losses_with_layout(
+        &self,
+        images: &[Tensor],
+        targets: &[Target],
+        sampling: &mut Sampler,
+        layout: ActivationLayout,
+    ) -> Result<TrainingLosses, TrainingError> {
         if self.channels_last {
             return Err(TrainingError::OptimizedForInference);
         }
         check_training_config(&self.cfg)?;
         check_inputs(images, targets, self.cfg.num_classes)?;
-        tch::with_grad(|| self.losses_unchecked(images, targets, sampling))
+        tch::with_grad(|| self.losses_unchecked(images, targets, sampling, layout))
     }
 
     fn losses_unchecked(
@@ -186,6 +218,7 @@ impl FasterRcnn {
         images: &[Tensor],
         targets: &[Target],
         sampler: &mut Sampler,
+        layout: ActivationLayout,
     ) -> Result<TrainingLosses, TrainingError> {
         let device = images[0].device();
         // torchvision's transform draws a random training size per image from libtorch's CPU
@@ -217,8 +250,9 @@ impl FasterRcnn {
         }
         let padded = (batch.tensors.size()[2], batch.tensors.size()[3]);
         lap(&mut timings.transform);
-        // EXPERIMENT (temporary)
-        let input = if std::env::var_os("ATTRSTREAM_EXP_CL").is_some() {
+        // A channels-last input keeps every activation after it channels-last (convolution
+        // outputs follow their input's layout).
+        let input = if layout == ActivationLayout::ChannelsLast && device == Device::Cpu {
             super::backbone::to_channels_last(&batch.tensors)
         } else {
             batch.tensors.shallow_clone()
