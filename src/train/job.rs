@@ -155,7 +155,7 @@ async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
         skipped = replay_report.skipped.len(),
         "training topic replayed"
     );
-    let (data, validation_replay) = match &job.validation {
+    let (mut data, validation_replay) = match &job.validation {
         ValidationSource::Split(strategy) => (split(examples, strategy)?, None),
         ValidationSource::Topic { topic, ranges } => {
             let (validation, report) = replay_topic(&job.config, topic, ranges, &job.cache_dir).await?;
@@ -225,7 +225,13 @@ async fn run_async(job: TrainJob) -> Result<TrainOutcome> {
     let labels: Vec<String> = std::iter::once("__background__".to_string())
         .chain(classes.iter().cloned())
         .collect();
-    let train_examples = to_train_examples(&data.train, &classes)?;
+    // Labels are checked against the label map now, before any step runs.
+    for e in &data.train {
+        if let Some(l) = e.labels.iter().find(|l| !classes.contains(l)) {
+            bail!("label `{l}` of {} is not in the label map {classes:?}", e.product_id);
+        }
+    }
+    let train_examples = std::mem::take(&mut data.train);
     let model_cfg = FasterRcnnConfig {
         num_classes: labels.len() as i64,
         ..inference_config(job.min_size, job.max_size)
@@ -344,30 +350,25 @@ fn training_data(topic: &str, report: &ReplayReport) -> TrainingData {
     }
 }
 
-/// Examples as tensors with class indices (1-based) over `classes`.
-fn to_train_examples(examples: &[Example], classes: &[String]) -> Result<Vec<TrainExample>> {
-    examples
+/// An example as tensors with class indices (1-based) over `classes`.
+fn to_train_example(e: &Example, classes: &[String]) -> Result<TrainExample> {
+    let labels = e
+        .labels
         .iter()
-        .map(|e| {
-            let labels = e
-                .labels
+        .map(|l| {
+            classes
                 .iter()
-                .map(|l| {
-                    classes
-                        .iter()
-                        .position(|c| c == l)
-                        .map(|i| i as i64 + 1)
-                        .with_context(|| format!("label `{l}` of {} is not in the label map {classes:?}", e.product_id))
-                })
-                .collect::<Result<Vec<i64>>>()?;
-            let flat: Vec<f32> = e.boxes.iter().flatten().copied().collect();
-            Ok(TrainExample {
-                image: e.to_tensor(Device::Cpu),
-                boxes: Tensor::from_slice(&flat).view([-1, 4]).to_kind(Kind::Float),
-                labels: Tensor::from_slice(&labels),
-            })
+                .position(|c| c == l)
+                .map(|i| i as i64 + 1)
+                .with_context(|| format!("label `{l}` of {} is not in the label map {classes:?}", e.product_id))
         })
-        .collect()
+        .collect::<Result<Vec<i64>>>()?;
+    let flat: Vec<f32> = e.boxes.iter().flatten().copied().collect();
+    Ok(TrainExample {
+        image: e.to_tensor(Device::Cpu),
+        boxes: Tensor::from_slice(&flat).view([-1, 4]).to_kind(Kind::Float),
+        labels: Tensor::from_slice(&labels),
+    })
 }
 
 /// Builds the trainer, resumes from a checkpoint if there is one, runs the remaining steps
@@ -377,7 +378,7 @@ fn train_loop(
     base: &Path,
     model_cfg: &FasterRcnnConfig,
     labels: &[String],
-    examples: &[TrainExample],
+    examples: &[Example],
 ) -> Result<(Vec<StepStats>, Option<u64>, f64, PathBuf)> {
     let build = |device: Device| -> Result<(VarStore, FasterRcnn)> {
         let (store, model, report) =
@@ -400,7 +401,12 @@ fn train_loop(
     let mut stats = Vec::new();
     while trainer.next_step() < total {
         let indices = trainer.batch_indices(examples.len(), trainer.next_step());
-        let batch: Vec<&TrainExample> = indices.iter().map(|&i| &examples[i]).collect();
+        // Tensors are made per batch: the data set stays in memory as RGB bytes (a quarter of floats).
+        let tensors = indices
+            .iter()
+            .map(|&i| to_train_example(&examples[i], &labels[1..]))
+            .collect::<Result<Vec<_>>>()?;
+        let batch: Vec<&TrainExample> = tensors.iter().collect();
         let s = trainer.step(&batch)?;
         bar.set_position(s.step + 1);
         bar.set_message(format!(
