@@ -105,6 +105,12 @@ fn inline_events(prefix: &str, range: std::ops::Range<usize>) -> Vec<(Vec<u8>, V
         .collect()
 }
 
+/// Number of distinct event ids among output records.
+fn distinct_events(records: &[ReadRecord]) -> usize {
+    let (outputs, _) = collect(records);
+    outputs.iter().map(|o| o.event_id.clone()).collect::<HashSet<_>>().len()
+}
+
 /// Outputs by key and dead letters by key, decoded.
 fn collect(records: &[ReadRecord]) -> (Vec<ProductAttributes>, HashMap<String, DeadLetter>) {
     let mut outputs = Vec::new();
@@ -321,11 +327,24 @@ fn two_instances_in_one_group_split_the_partitions() {
     std::thread::sleep(Duration::from_secs(4));
     let records = inline_events("s", 0..80);
     produce_raw(&brokers, IN, &records);
-    let read = read_topics(&brokers, &[OUT], 80, Duration::from_secs(60));
+    // Wait for every event's output. A rebalance while they work (e.g. the second member's join
+    // arriving late on a loaded machine) may legitimately repeat a few (at-least-once), so
+    // read until all 80 distinct events are there rather than exactly 80 records.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut read = read_topics(&brokers, &[OUT], 80, Duration::from_secs(60));
+    while distinct_events(&read) < 80 && Instant::now() < deadline {
+        read = read_topics(&brokers, &[OUT], read.len() + 1, Duration::from_secs(5));
+    }
     let (ra, rb) = (a.stop(), b.stop());
     let (outputs, _) = collect(&read);
     let unique: HashSet<&str> = outputs.iter().map(|o| o.event_id.as_str()).collect();
     assert_eq!(unique.len(), 80, "together they processed every event");
+    if read.len() > 80 {
+        eprintln!(
+            "{} events were processed twice after a rebalance (at-least-once)",
+            read.len() - 80
+        );
+    }
     assert!(
         ra.consumed > 0 && rb.consumed > 0,
         "both instances got partitions: {ra:?} {rb:?}"
