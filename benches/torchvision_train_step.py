@@ -7,7 +7,8 @@ ResNet-50, `_resnet_fpn_extractor(body, trainable_layers)`, `FasterRCNN(num_clas
 min_size, max_size)`) with the seeded, calibrated weights of the training parity test
 (tests/reference/training_reference.py), writes them to WEIGHTS_OUT for the Rust side, loads
 the batch SPEC_JSON names (image paths, boxes, labels, settings) and builds
-`torch.optim.SGD(momentum, weight_decay)` over the trainable parameters. Then it serves
+`torch.optim.SGD(momentum, weight_decay)` over the trainable parameters. When the spec says
+`flush_denormal`, subnormal floats are flushed to zero first, as on the Rust side. Then it serves
 commands on stdin, one JSON reply per line on stdout:
 
 * first, unasked: {"ready": true, "trainable_parameters": N}

@@ -687,7 +687,7 @@ fn run() -> Result<()> {
                 "the first step's losses differ by {difference:.2e} (relative): the two sides do not compute \
                  the same step"
             );
-            // NHWC rounds differently and may tip a near-tie (docs/bench-train.md): a looser bound.
+            // NHWC rounds differently (docs/bench-train.md): a looser bound.
             ensure!(
                 difference_nhwc <= 10.0 * LOSS_AGREEMENT,
                 "the NHWC path's first losses differ from torchvision's by {difference_nhwc:.2e} (relative)"

@@ -206,6 +206,10 @@ mod tests {
 
     #[test]
     fn freezing_selects_body_layers_and_keeps_batch_norm_and_heads_as_they_must_be() {
+        // Building the model draws from libtorch's global generator: not while a seeded test runs.
+        let _rng = super::super::sampling::tests::RNG
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let vs = VarStore::new(Device::Cpu);
         let _model = FasterRcnn::new(&vs.root(), FasterRcnnConfig::default());
         let names = |n: u8| -> Vec<String> {

@@ -142,11 +142,12 @@ impl Sampler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// Tests that seed libtorch's global generator run one at a time.
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// Tests that seed libtorch's global generator run one at a time (unit tests elsewhere
+    /// in the crate that seed it take this lock too).
+    pub(crate) static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn to_vec(t: &Tensor) -> Vec<i64> {
         Vec::<i64>::try_from(&t.to_kind(Kind::Int64)).unwrap()
