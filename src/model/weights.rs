@@ -161,8 +161,9 @@ impl WeightsMetadata {
     }
 }
 
-/// Reads only the header of a safetensors file and returns its attrstream metadata.
-pub fn read_metadata(path: &Path) -> Result<WeightsMetadata, WeightsError> {
+/// The raw JSON header of a safetensors file (length-checked), without reading the tensors:
+/// what [`read_metadata`] and header-only inspections (e.g. a tensor's shape) parse.
+pub fn read_header_bytes(path: &Path) -> Result<Vec<u8>, WeightsError> {
     let not_st = |reason: &str| WeightsError::NotSafetensors {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -182,6 +183,16 @@ pub fn read_metadata(path: &Path) -> Result<WeightsMetadata, WeightsError> {
     }
     let mut header = vec![0u8; len as usize];
     reader.read_exact(&mut header).map_err(|_| not_st("truncated header"))?;
+    Ok(header)
+}
+
+/// Reads only the header of a safetensors file and returns its attrstream metadata.
+pub fn read_metadata(path: &Path) -> Result<WeightsMetadata, WeightsError> {
+    let not_st = |reason: &str| WeightsError::NotSafetensors {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let header = read_header_bytes(path)?;
     #[derive(Deserialize)]
     struct Header {
         #[serde(rename = "__metadata__", default)]

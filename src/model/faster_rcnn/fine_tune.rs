@@ -4,8 +4,6 @@
 //! optimizer updates.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::Path;
 
 use tch::{nn::VarStore, Device, Tensor};
@@ -23,9 +21,6 @@ const BODY_PREFIX: &str = "backbone.body.";
 pub const BOX_PREDICTOR_PREFIX: &str = "roi_heads.box_predictor.";
 /// The predictor tensor whose first dimension is the class count.
 const CLASS_SCORE_WEIGHT: &str = "roi_heads.box_predictor.cls_score.weight";
-/// Largest safetensors header read when looking up the class count.
-const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
-
 /// The ResNet body parts that train when `trainable_layers` (0 to 5) of the backbone train,
 /// as torchvision's `_resnet_fpn_extractor`: the last stages first, then the stem
 /// convolution, and its batch norm when all five train.
@@ -80,23 +75,7 @@ pub fn checkpoint_num_classes(path: &Path) -> Result<Option<i64>, WeightsError> 
         path: path.to_path_buf(),
         reason,
     };
-    let io = |source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut reader = BufReader::new(File::open(path).map_err(io)?);
-    let mut len = [0u8; 8];
-    reader
-        .read_exact(&mut len)
-        .map_err(|_| not_st("shorter than 8 bytes".into()))?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER_BYTES {
-        return Err(not_st("header length is implausible".into()));
-    }
-    let mut header = vec![0u8; len as usize];
-    reader
-        .read_exact(&mut header)
-        .map_err(|_| not_st("truncated header".into()))?;
+    let header = weights::read_header_bytes(path)?;
     #[derive(serde::Deserialize)]
     struct Entry {
         #[serde(default)]
