@@ -125,6 +125,10 @@ pub struct DemoArgs {
     /// Give up if the records have not all arrived after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Where to serve /metrics, /healthz and /readyz while the demo runs (port 0: any free
+    /// port, printed at start; "" turns the server off).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub telemetry_listen: String,
 }
 
 /// Arguments of `attrstream publish`.

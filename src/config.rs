@@ -38,6 +38,10 @@ pub struct Config {
     pub attributes: ColourConfig,
     /// In-flight limits, retries and shutdown.
     pub pipeline: PipelineConfig,
+    /// The HTTP endpoints (/metrics, /healthz, /readyz) and the service name in telemetry.
+    pub telemetry: TelemetryConfig,
+    /// The optional PostgreSQL sink (off unless `url` is set).
+    pub database: crate::sink::postgres::DatabaseConfig,
 }
 
 /// Kafka connection and topics.
@@ -272,6 +276,51 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Telemetry that is configured here rather than by the standard `OTEL_*` variables (which
+/// alone configure OTLP export; see [`crate::telemetry`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of the HTTP server for /metrics (Prometheus text), /healthz and /readyz;
+    /// `""` disables it.
+    pub listen: String,
+    /// `service.name` of exported traces and metrics (`OTEL_SERVICE_NAME` takes precedence).
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+            service_name: "attrstream".into(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The listen address, or `None` when the HTTP server is disabled; errors name the key.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "telemetry.listen `{listen}` is not an IP address and port such as \"0.0.0.0:9464\" \
+                 (or \"\" to disable the HTTP server)"
+            )
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.listen_addr()?;
+        if self.service_name.trim().is_empty() {
+            bail!("telemetry.service_name must not be empty (e.g. \"attrstream\")");
+        }
+        Ok(())
+    }
+}
+
 const REDACTED: &str = "<redacted>";
 
 /// librdkafka takes every property as a string, but TOML and environment variables give
@@ -439,6 +488,8 @@ impl Config {
         self.attributes.validate().map_err(anyhow::Error::msg)?;
         self.fetch.validate()?;
         self.validate_serve_schemas()?;
+        self.telemetry.validate()?;
+        self.database.validate()?;
         self.validate_registry_credentials()
     }
 

@@ -14,12 +14,14 @@
 //! * [`source`]: the Kafka consumer thread and the per-partition offset tracker (at-least-once).
 //! * [`batcher`]: dynamic batching (max size, max wait, pixel budget, eager when a worker idles).
 //! * [`workers`]: one inference thread per device with its own model replica; restart on failure.
-//! * [`sink`]: producing attribute records and dead letters; completions after broker acks.
+//! * [`sink`]: producing attribute records and dead letters; completions after broker acks;
+//!   the optional PostgreSQL sink ([`sink::postgres`]).
 //! * [`pipeline`]: the serve pipeline wired end to end.
 //! * [`serve`]: what `serve` and `demo` share: config from the CLI, detector workers, signals.
 //! * [`embedded_broker`]: the in-process Kafka-protocol broker for `demo`, tests and benchmarks.
 //! * [`attributes`]: detections → aggregated product attributes (labels, main object, colours).
 //! * [`train`]: replaying labelled images, fine-tuning, COCO evaluation, the model registry.
+//! * [`telemetry`]: OpenTelemetry traces and metrics (OTLP), Prometheus /metrics, /healthz, /readyz.
 
 pub mod annotate;
 pub mod attributes;
@@ -38,5 +40,6 @@ pub mod preprocess;
 pub mod serve;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
 pub mod train;
 pub mod workers;

@@ -4,12 +4,9 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = attrstream::cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // Log lines on stderr (RUST_LOG), plus the slot through which commands that have
+    // telemetry export `tracing` spans by OTLP.
+    attrstream::telemetry::logging::init();
     match attrstream::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

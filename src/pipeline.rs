@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Every message ends in exactly one acknowledged record, output or dead letter, before its
-//! offset can be committed. [`run`] returns when the shutdown future resolves (after draining)
+//! offset can be committed; with the PostgreSQL sink on, also in its written row, or in the
+//! output record plus a `database_write_failed` dead letter (one completion either way, see
+//! `deliver_with_row`). [`run`] returns when the shutdown future resolves (after draining)
 //! or when a fatal produce error stops the service.
 
 use std::collections::BTreeMap;
@@ -31,8 +33,10 @@ use crate::events::{
     codec, error_kinds, now_ms, DeadLetter, ModelRef, ProductAttributes, ProductImageEvent, StageTimings,
 };
 use crate::fetch::ImageFetcher;
+use crate::sink::postgres::{DatabaseCounts, DatabaseWriteError, PostgresSink, Written};
 use crate::sink::{create_producer, OutputSink, SinkSettings};
 use crate::source::{spawn_consumer, ConsumerSettings, InputMessage};
+use crate::telemetry::{DatabaseOutcome, EventTrace, Health, Stage, Telemetry};
 use crate::workers::{BackendFactory, WorkResult, WorkerPool};
 
 /// What a finished run did, for logs, the demo and the benchmark.
@@ -52,6 +56,8 @@ pub struct RunReport {
     pub pauses: u64,
     /// Most messages in flight at once.
     pub peak_in_flight: usize,
+    /// PostgreSQL sink counters (all zero when it is off).
+    pub database: DatabaseCounts,
 }
 
 /// The inference side of a run: how many workers and how to build each one's model.
@@ -101,6 +107,10 @@ struct Shared {
     config: Config,
     produced: AtomicU64,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
+    /// The PostgreSQL sink, when `[database] url` is set.
+    database: Option<PostgresSink>,
+    /// Metrics and per-event traces.
+    telemetry: Telemetry,
 }
 
 /// librdkafka properties for the consumer, from the configuration.
@@ -177,8 +187,19 @@ pub fn input_schemas(config: &Config, registry: Option<Arc<SchemaRegistry>>) -> 
 }
 
 /// Runs the service until `shutdown` resolves (then drains within the configured deadline)
-/// or a fatal error occurs.
+/// or a fatal error occurs. Its metrics stay in-process; see [`run_with_telemetry`].
 pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
+    run_with_telemetry(config, inference, Telemetry::local()?, shutdown).await
+}
+
+/// [`run`] reporting into `telemetry`: metrics, per-event spans, and the health that the
+/// caller's `/healthz` and `/readyz` serve (see [`crate::telemetry::http`]).
+pub async fn run_with_telemetry(
+    config: Config,
+    inference: Inference,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunReport> {
     let registry = registry_client(&config)?;
     let decoder = InputDecoder::new(input_schemas(&config, registry.clone())?);
     let k = &config.kafka;
@@ -202,6 +223,12 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
     .context("resolving the dead-letter schema id")?;
     let fetcher = ImageFetcher::new(config.fetch.clone())?;
     let producer = create_producer(&producer_properties(&config))?;
+    // Before joining the group: a database that cannot be prepared fails the start.
+    let database = if config.database.enabled() {
+        Some(PostgresSink::start(&config.database).await?)
+    } else {
+        None
+    };
 
     // Models first: a replica that cannot load fails the start before we join the group.
     let (results_tx, results_rx) = mpsc::unbounded_channel::<WorkResult<Job>>();
@@ -212,9 +239,12 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
         results_tx,
     )?);
     tracing::info!(workers = pool.len(), "inference workers ready");
+    if let Some(model) = pool.model() {
+        telemetry.health().model_ready(model);
+    }
     let swapper = inference
         .updates
-        .map(|updates| tokio::spawn(apply_model_updates(pool.clone(), updates)));
+        .map(|updates| tokio::spawn(apply_model_updates(pool.clone(), updates, telemetry.health().clone())));
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<InputMessage>();
     let (consumer, completions) = spawn_consumer(
@@ -223,6 +253,7 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
             properties: consumer_properties(&config),
             max_in_flight: config.pipeline.max_in_flight,
             drain_timeout: config.pipeline.shutdown_deadline,
+            health: telemetry.health().clone(),
         },
         input_tx,
     )?;
@@ -247,9 +278,24 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
         config: config.clone(),
         produced: AtomicU64::new(0),
         dead_lettered: Mutex::new(BTreeMap::new()),
+        database,
+        telemetry: telemetry.clone(),
     });
 
     let (batch_tx, batch_rx) = mpsc::channel::<Pending<Job>>(config.batch.max_batch_size * pool.len() * 2);
+    // Gauges read these only when collected; weak references let the stages wind down.
+    let batch_queue = batch_tx.downgrade();
+    let workers = Arc::downgrade(&pool);
+    let _queue_gauges = [
+        telemetry.metrics().watch_queue("batcher", move || {
+            batch_queue
+                .upgrade()
+                .map(|tx| (tx.max_capacity() - tx.capacity()) as i64)
+        }),
+        telemetry.metrics().watch_queue("workers", move || {
+            workers.upgrade().map(|p| p.loads().iter().sum::<usize>() as i64)
+        }),
+    ];
     let batcher = tokio::spawn(run_batcher(batch_rx, pool.clone(), config.batch.clone()));
     let finisher = tokio::spawn(finish_results(ctx.clone(), results_rx));
 
@@ -260,18 +306,21 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
         tokio::select! {
             msg = input_rx.recv() => match msg {
                 Some(msg) => {
+                    ctx.telemetry.metrics().event_consumed();
                     tokio::spawn(process(ctx.clone(), msg, batch_tx.clone()));
                 }
                 None => break, // consumer thread finished (after a shutdown request or an error)
             },
             _ = &mut shutdown, if !stopping => {
                 tracing::info!("shutdown requested: stopping intake and draining in-flight work");
+                telemetry.health().set_draining();
                 stopping = true;
                 consumer.request_shutdown();
             }
             _ = fatal_rx.changed() => {
                 fatal = fatal_rx.borrow().clone();
                 if fatal.is_some() && !stopping {
+                    telemetry.health().set_draining();
                     stopping = true;
                     consumer.request_shutdown();
                 }
@@ -299,16 +348,29 @@ pub async fn run(config: Config, inference: Inference, shutdown: impl Future<Out
 
 /// Switches the workers to each model update as it arrives; a model that fails to load is
 /// logged and the current one keeps serving.
-async fn apply_model_updates(pool: Arc<WorkerPool<Job>>, mut updates: mpsc::Receiver<ModelUpdate>) {
+async fn apply_model_updates(
+    pool: Arc<WorkerPool<Job>>,
+    mut updates: mpsc::Receiver<ModelUpdate>,
+    health: Arc<Health>,
+) {
+    use tracing::Instrument;
     while let Some(update) = updates.recv().await {
-        tracing::info!(model = %update.description, "loading a new model on every worker");
-        let started = Instant::now();
-        match pool.swap_model(update.factory).await {
-            Ok(model) => tracing::info!(name = %model.name, version = %model.version,
-                load_ms = started.elapsed().as_millis() as u64, "switched every worker to the new model"),
-            Err(e) => tracing::error!(model = %update.description, error = %format!("{e:#}"),
-                "the new model could not be loaded; the current model keeps serving"),
+        let span = tracing::info_span!("model_swap", model = %update.description);
+        async {
+            tracing::info!(model = %update.description, "loading a new model on every worker");
+            let started = Instant::now();
+            match pool.swap_model(update.factory).await {
+                Ok(model) => {
+                    tracing::info!(name = %model.name, version = %model.version,
+                        load_ms = started.elapsed().as_millis() as u64, "switched every worker to the new model");
+                    health.model_ready(model);
+                }
+                Err(e) => tracing::error!(model = %update.description, error = %format!("{e:#}"),
+                    "the new model could not be loaded; the current model keeps serving"),
+            }
         }
+        .instrument(span)
+        .await
     }
 }
 
@@ -333,11 +395,20 @@ fn report_and_flush(
         batches,
         pauses: consumer.pauses,
         peak_in_flight: consumer.peak_in_flight,
+        database: ctx.database.as_ref().map(|d| d.stats().snapshot()).unwrap_or_default(),
     })
 }
 
 /// One message up to the batcher: decode the event, fetch and decode its image.
-async fn process(ctx: Arc<Shared>, msg: InputMessage, batch_tx: mpsc::Sender<Pending<Job>>) {
+async fn process(ctx: Arc<Shared>, mut msg: InputMessage, batch_tx: mpsc::Sender<Pending<Job>>) {
+    let p = msg.position;
+    msg.trace = ctx.telemetry.tracing().start_event(
+        &msg.headers,
+        &ctx.config.kafka.input_topic,
+        p.partition,
+        p.offset,
+        msg.received,
+    );
     let event = loop {
         match ctx.decoder.decode(&msg.value).await {
             Ok(event) => break event,
@@ -351,8 +422,12 @@ async fn process(ctx: Arc<Shared>, msg: InputMessage, batch_tx: mpsc::Sender<Pen
             },
         }
     };
+    msg.trace.set_event(&event.event_id, &event.product_id);
     let mut timings = StageTimings::default();
-    let fetched = match ctx.fetcher.fetch(&event.image).await {
+    let fetch_started = Instant::now();
+    let fetched = ctx.fetcher.fetch(&event.image).await;
+    record_stage(&ctx, &msg, Stage::Fetch, fetch_started);
+    let fetched = match fetched {
         Ok(f) => f,
         Err(e) => return dead_letter(&ctx, msg, Some(&event), e.kind(), &e.to_string()).await,
     };
@@ -363,6 +438,7 @@ async fn process(ctx: Arc<Shared>, msg: InputMessage, batch_tx: mpsc::Sender<Pen
         let started = Instant::now();
         let result = crate::preprocess::decode_image(&fetched.bytes, max_pixels);
         timings.decode_ms = ms(started.elapsed());
+        record_stage(&ctx, &msg, Stage::Decode, started);
         Ok(result)
     } else {
         let _permit = ctx.cpu.acquire().await;
@@ -370,6 +446,7 @@ async fn process(ctx: Arc<Shared>, msg: InputMessage, batch_tx: mpsc::Sender<Pen
         let bytes = fetched.bytes;
         let result = tokio::task::spawn_blocking(move || crate::preprocess::decode_image(&bytes, max_pixels)).await;
         timings.decode_ms = ms(started.elapsed());
+        record_stage(&ctx, &msg, Stage::Decode, started);
         result
     };
     let image = match decoded {
@@ -400,7 +477,11 @@ async fn finish_results(ctx: Arc<Shared>, mut results: mpsc::UnboundedReceiver<W
     while let Some(done) = results.recv().await {
         let inference_ms = ms(done.inference);
         let model = done.model;
+        let size = done.items.len();
+        ctx.telemetry.metrics().batch(size, ctx.config.batch.max_batch_size);
+        let (started, finished) = (done.started, done.started + done.inference);
         for ((image, job), result) in done.images.into_iter().zip(done.items).zip(done.results) {
+            record_batch_stages(&ctx, &job, started, finished, size, done.worker, &model);
             let ctx = ctx.clone();
             let model = model.clone();
             tokio::spawn(async move {
@@ -454,25 +535,106 @@ async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, mo
         processed_time_ms: now_ms(),
         metadata: event.metadata,
     };
-    if ctx.sink.deliver_attributes(msg.position, &record, &msg.headers).await {
+    if let Some(database) = &ctx.database {
+        return deliver_with_row(ctx, database, msg, record).await;
+    }
+    let produce_started = Instant::now();
+    if ctx
+        .sink
+        .deliver_attributes(msg.position, &record, &msg.trace.output_headers(&msg.headers))
+        .await
+    {
         ctx.produced.fetch_add(1, Ordering::Relaxed);
+        record_produced(ctx, &msg, produce_started);
+        finish_event(ctx, msg.received, &msg.trace);
     }
 }
 
+/// With the PostgreSQL sink on: produces the output record and upserts the row at once, and
+/// completes the message once, when both are done. A row that cannot be written does not
+/// hold back the output record (the topic is the primary contract); the event is then
+/// dead-lettered as `database_write_failed`, whose acknowledgement completes it, so the row
+/// can be replayed and the offset still moves.
+async fn deliver_with_row(ctx: &Shared, database: &PostgresSink, msg: InputMessage, record: ProductAttributes) {
+    let started = Instant::now();
+    let headers = msg.trace.output_headers(&msg.headers).into_owned();
+    let produce = async {
+        let produced = ctx.sink.produce_attributes(msg.position, &record, &headers).await;
+        (produced, Instant::now())
+    };
+    let write = async { (database.upsert(&record).await, Instant::now()) };
+    let ((produced, produce_done), (written, database_done)) = tokio::join!(produce, write);
+    record_database(ctx, &msg, &written, started, database_done);
+    if !produced {
+        return; // fatal: the service stops without completing; the message is redelivered
+    }
+    ctx.produced.fetch_add(1, Ordering::Relaxed);
+    ctx.telemetry.metrics().record_produced();
+    ctx.telemetry.metrics().stage(Stage::Produce, produce_done - started);
+    msg.trace.stage(Stage::Produce, started, produce_done);
+    match written {
+        Ok(_) => {
+            ctx.sink.complete(msg.position);
+            finish_event(ctx, msg.received, &msg.trace);
+        }
+        Err(e) => {
+            let ids = Some((record.event_id, record.product_id));
+            dead_letter_with_ids(ctx, msg, ids, error_kinds::DATABASE_WRITE_FAILED, &e.to_string()).await
+        }
+    }
+}
+
+/// Records the database stage of `msg` (histogram and span) and the write's outcome.
+fn record_database(
+    ctx: &Shared,
+    msg: &InputMessage,
+    written: &Result<Written, DatabaseWriteError>,
+    started: Instant,
+    finished: Instant,
+) {
+    let metrics = ctx.telemetry.metrics();
+    metrics.stage(Stage::Database, finished.saturating_duration_since(started));
+    msg.trace.stage(Stage::Database, started, finished);
+    metrics.database_write(match written {
+        Ok(Written::FirstAttempt) => DatabaseOutcome::Ok,
+        Ok(Written::AfterRetries) => DatabaseOutcome::Retried,
+        Err(_) => DatabaseOutcome::Failed,
+    });
+}
+
 async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImageEvent>, kind: &str, message: &str) {
+    let ids = event.map(|e| (e.event_id.clone(), e.product_id.clone()));
+    dead_letter_with_ids(ctx, msg, ids, kind, message).await
+}
+
+/// [`dead_letter`] with the (event id, product id) given directly.
+async fn dead_letter_with_ids(
+    ctx: &Shared,
+    msg: InputMessage,
+    ids: Option<(String, String)>,
+    kind: &str,
+    message: &str,
+) {
+    let (event_id, product_id) = ids.unzip();
     let letter = DeadLetter {
         original_key: msg.key,
         original_value: msg.value,
         source_topic: ctx.config.kafka.input_topic.clone(),
         source_partition: msg.position.partition,
         source_offset: msg.position.offset,
-        event_id: event.map(|e| e.event_id.clone()),
-        product_id: event.map(|e| e.product_id.clone()),
+        event_id,
+        product_id,
         error_kind: kind.to_string(),
         error_message: message.to_string(),
         failed_time_ms: now_ms(),
     };
-    if !ctx.sink.deliver_dead_letter(msg.position, &letter).await {
+    msg.trace.fail(kind, message);
+    let produce_started = Instant::now();
+    if !ctx
+        .sink
+        .deliver_dead_letter(msg.position, &letter, &msg.trace.trace_headers(&msg.headers))
+        .await
+    {
         return;
     }
     *ctx.dead_lettered
@@ -480,6 +642,59 @@ async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImag
         .unwrap_or_else(|e| e.into_inner())
         .entry(kind.to_string())
         .or_default() += 1;
+    let produced = Instant::now();
+    let metrics = ctx.telemetry.metrics();
+    metrics.dead_letter(kind);
+    metrics.stage(Stage::Produce, produced - produce_started);
+    msg.trace.stage(Stage::Produce, produce_started, produced);
+    finish_event(ctx, msg.received, &msg.trace);
+}
+
+/// Records `stage` of `msg` from `started` until now: its histogram and its span.
+fn record_stage(ctx: &Shared, msg: &InputMessage, stage: Stage, started: Instant) {
+    let now = Instant::now();
+    let metrics = ctx.telemetry.metrics();
+    metrics.stage(stage, now.saturating_duration_since(started));
+    msg.trace.stage(stage, started, now);
+}
+
+/// Records the batching and inference of one event of a batch that ran from `started` to
+/// `finished` on `worker`: each event gets both stages with the batch's times.
+fn record_batch_stages(
+    ctx: &Shared,
+    job: &Job,
+    started: Instant,
+    finished: Instant,
+    size: usize,
+    worker: usize,
+    model: &ModelRef,
+) {
+    let metrics = ctx.telemetry.metrics();
+    metrics.stage(Stage::BatchWait, started.saturating_duration_since(job.batched_at));
+    metrics.stage(Stage::Inference, finished.saturating_duration_since(started));
+    let trace = &job.msg.trace;
+    trace.stage(Stage::BatchWait, job.batched_at, started);
+    trace.stage_with(Stage::Inference, started, finished, || {
+        vec![
+            opentelemetry::KeyValue::new("attrstream.batch.size", size as i64),
+            opentelemetry::KeyValue::new("attrstream.worker", worker as i64),
+            opentelemetry::KeyValue::new("attrstream.model.name", model.name.clone()),
+            opentelemetry::KeyValue::new("attrstream.model.version", model.version.clone()),
+        ]
+    });
+}
+
+/// An attribute record of `msg` was acknowledged after producing from `started`.
+fn record_produced(ctx: &Shared, msg: &InputMessage, started: Instant) {
+    ctx.telemetry.metrics().record_produced();
+    record_stage(ctx, msg, Stage::Produce, started);
+}
+
+/// An event received at `received` is complete (its output or dead letter acknowledged):
+/// total time, end of its span.
+fn finish_event(ctx: &Shared, received: Instant, trace: &EventTrace) {
+    ctx.telemetry.metrics().stage(Stage::Total, received.elapsed());
+    trace.end();
 }
 
 /// True for images whose header declares at most 64 × 64 pixels.

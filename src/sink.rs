@@ -3,6 +3,12 @@
 //!
 //! A produce that keeps failing after `pipeline.produce_retries` is fatal: the service stops
 //! without committing that message, so it is redelivered after a restart instead of lost.
+//!
+//! [`postgres`] is the optional second destination of attribute records; with it on, the
+//! pipeline produces with [`OutputSink::produce_attributes`] and completes the message itself
+//! ([`OutputSink::complete`]) once the row is written too.
+
+pub mod postgres;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,15 +97,41 @@ impl OutputSink {
         record: &ProductAttributes,
         headers: &[(String, Vec<u8>)],
     ) -> bool {
+        self.produce_attributes(position, record, headers).await && self.complete(position)
+    }
+
+    /// Produces an attribute record like [`OutputSink::deliver_attributes`] but does not
+    /// complete `position`: for a caller that must also wait for another write (the database)
+    /// and then calls [`OutputSink::complete`] or delivers a dead letter. False if it could
+    /// not be delivered (the service is then stopping).
+    pub async fn produce_attributes(
+        &self,
+        position: MessagePosition,
+        record: &ProductAttributes,
+        headers: &[(String, Vec<u8>)],
+    ) -> bool {
         let payload = frame(self.settings.output_schema_id, &encode_attributes(record));
         let topic = self.settings.output_topic.clone();
-        self.deliver(position, &topic, Some(record.product_id.as_bytes()), &payload, headers)
+        self.send(position, &topic, Some(record.product_id.as_bytes()), &payload, headers)
             .await
     }
 
-    /// Produces a dead letter (original key kept) and completes `position` once acknowledged;
-    /// false if it could not be delivered.
-    pub async fn deliver_dead_letter(&self, position: MessagePosition, letter: &DeadLetter) -> bool {
+    /// Reports `position` finished to the offset tracker (exactly once per message). Always
+    /// true: the consumer thread may be gone after a shutdown deadline, and then there is
+    /// nothing to do.
+    pub fn complete(&self, position: MessagePosition) -> bool {
+        let _ = self.completions.send(position);
+        true
+    }
+
+    /// Produces a dead letter (original key kept, with `headers`: the event's trace context)
+    /// and completes `position` once acknowledged; false if it could not be delivered.
+    pub async fn deliver_dead_letter(
+        &self,
+        position: MessagePosition,
+        letter: &DeadLetter,
+        headers: &[(String, Vec<u8>)],
+    ) -> bool {
         tracing::info!(
             partition = letter.source_partition,
             offset = letter.source_offset,
@@ -110,10 +142,11 @@ impl OutputSink {
         let payload = frame(self.settings.dead_letter_schema_id, &encode_dead_letter(letter));
         let topic = self.settings.dead_letter_topic.clone();
         let key = letter.original_key.clone();
-        self.deliver(position, &topic, key.as_deref(), &payload, &[]).await
+        self.send(position, &topic, key.as_deref(), &payload, headers).await && self.complete(position)
     }
 
-    async fn deliver(
+    /// Produces one record with retries; false after a fatal failure (announced on `fatal`).
+    async fn send(
         &self,
         position: MessagePosition,
         topic: &str,
@@ -138,11 +171,7 @@ impl OutputSink {
                 record = record.headers(h);
             }
             match self.producer.send(record, Timeout::Never).await {
-                Ok(_) => {
-                    // The consumer thread may be gone after a shutdown deadline: nothing to do then.
-                    let _ = self.completions.send(position);
-                    return true;
-                }
+                Ok(_) => return true,
                 Err((e, _)) if attempt < self.settings.retries => {
                     attempt += 1;
                     let delay = Duration::from_millis(200 * 2u64.pow(attempt.min(6)));

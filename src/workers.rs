@@ -85,6 +85,8 @@ pub struct WorkResult<T> {
     pub model: ModelRef,
     /// Time from the batch being closed to the worker starting on it.
     pub queued: Duration,
+    /// When the worker started on it (the start of the inference span).
+    pub started: Instant,
     /// Time the model took for this batch (all retries included).
     pub inference: Duration,
     /// Which worker ran it.
@@ -113,6 +115,8 @@ pub struct WorkerPool<T> {
     dispatch_gate: tokio::sync::Mutex<()>,
     /// Model swaps announced so far.
     swaps: AtomicUsize,
+    /// The model every worker serves (the new one once a swap is announced).
+    model: std::sync::Mutex<Option<ModelRef>>,
 }
 
 impl<T: Send + 'static> WorkerPool<T> {
@@ -132,7 +136,7 @@ impl<T: Send + 'static> WorkerPool<T> {
             // One batch queued while another runs: the next batch is ready when the device frees up.
             let (tx, rx) = mpsc::channel::<WorkerMessage<T>>(1);
             let load = Arc::new(AtomicUsize::new(0));
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<ModelRef>>>();
             let worker = Worker {
                 index,
                 factory: factory.clone(),
@@ -148,9 +152,10 @@ impl<T: Send + 'static> WorkerPool<T> {
             threads.push(thread);
             ready.push(ready_rx);
         }
+        let mut model = None;
         for (index, rx) in ready.into_iter().enumerate() {
             match rx.recv() {
-                Ok(Ok(())) => {}
+                Ok(Ok(m)) => model = model.or(m),
                 Ok(Err(e)) => return Err(e.context(format!("inference worker {index} failed to start"))),
                 Err(_) => anyhow::bail!("inference worker {index} exited during start-up"),
             }
@@ -160,6 +165,7 @@ impl<T: Send + 'static> WorkerPool<T> {
             threads,
             dispatch_gate: tokio::sync::Mutex::new(()),
             swaps: AtomicUsize::new(0),
+            model: std::sync::Mutex::new(model),
         })
     }
 
@@ -229,7 +235,13 @@ impl<T: Send + 'static> WorkerPool<T> {
                 .map_err(|_| anyhow::anyhow!("inference worker {i} has stopped"))?;
         }
         self.swaps.fetch_add(1, Ordering::Relaxed);
+        *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model.clone());
         Ok(model)
+    }
+
+    /// The model the workers serve (after a swap: the new one), as its backend names it.
+    pub fn model(&self) -> Option<ModelRef> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// How many model swaps were announced since the pool started.
@@ -255,10 +267,14 @@ struct Worker<T> {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    fn run(mut self, mut rx: mpsc::Receiver<WorkerMessage<T>>, ready: std::sync::mpsc::Sender<Result<()>>) {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WorkerMessage<T>>,
+        ready: std::sync::mpsc::Sender<Result<Option<ModelRef>>>,
+    ) {
         let mut backend = match self.build() {
             Ok(b) => {
-                let _ = ready.send(Ok(()));
+                let _ = ready.send(Ok(b.as_ref().map(|b| b.model())));
                 b
             }
             Err(e) => {
@@ -290,6 +306,7 @@ impl<T: Send + 'static> Worker<T> {
                     version: String::new(),
                 }),
                 queued,
+                started,
                 inference: started.elapsed(),
                 worker: self.index,
             };
@@ -582,8 +599,14 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(pool.model().map(|m| m.version), Some("v1".into()));
         let new = pool.swap_model(versioned("v2")).await.unwrap();
         assert_eq!(new.version, "v2");
+        assert_eq!(
+            pool.model().map(|m| m.version),
+            Some("v2".into()),
+            "the pool names the new model"
+        );
         // Everything dispatched from now on must run on the new model.
         let marker = 1_000_000usize;
         pool.dispatch(WorkBatch {
@@ -637,6 +660,11 @@ mod tests {
         });
         let err = format!("{:#}", pool.swap_model(broken).await.unwrap_err());
         assert!(err.contains("worker 1") && err.contains("corrupt"), "{err}");
+        assert_eq!(
+            pool.model().map(|m| m.version),
+            Some("v1".into()),
+            "still the old model"
+        );
         for i in 0..4 {
             pool.dispatch(WorkBatch {
                 images: vec![image([0, 0, 0])],

@@ -148,6 +148,8 @@ weights = "{weights}"
 devices = ["cpu"]
 [pipeline]
 shutdown_deadline = "30s"
+[telemetry]
+listen = "127.0.0.1:0"  # several serve processes run at once: any free port each
 "#,
         samples = samples.display(),
         weights = common::root()

@@ -25,8 +25,10 @@ use crate::detection::Detection;
 use crate::embedded_broker::EmbeddedBroker;
 use crate::events::{DeadLetter, ImageSource, ProductAttributes, ProductImageEvent};
 use crate::pipeline::producer_properties;
-use crate::serve::{detector_inference, runtime, shutdown_signal};
+use crate::serve::{configured_devices, detector_inference, runtime, shutdown_signal};
 use crate::sink::create_producer;
+use crate::telemetry::http::HttpServer;
+use crate::telemetry::{device_memory, Telemetry};
 
 const INPUT: &str = "product-images";
 const OUTPUT: &str = "product-attributes";
@@ -55,7 +57,22 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let out = args.out.clone();
     let json = args.json;
     let timeout = Duration::from_secs(args.timeout_secs);
-    let (report, seen) = runtime()?.block_on(async move {
+    let telemetry = Telemetry::for_command(&config.telemetry)?;
+    let _device_memory = device_memory::watch(&configured_devices(&config)?, telemetry.metrics());
+    let pipeline_telemetry = telemetry.clone();
+    let outcome = runtime()?.block_on(async move {
+        let telemetry = pipeline_telemetry;
+        let _server = match config.telemetry.listen_addr()? {
+            Some(addr) => {
+                let server = HttpServer::start(telemetry.clone(), addr).await?;
+                eprintln!(
+                    "attrstream demo: metrics at http://{0}/metrics, probes at http://{0}/healthz and /readyz",
+                    server.addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
         let producer = create_producer(&producer_properties(&config))?;
         publish_events(&producer, INPUT, config.schemas.input_schema_id, &events).await?;
         let (done_tx, done_rx) = oneshot::channel();
@@ -74,11 +91,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
                 _ = shutdown_signal() => {}
             }
         };
-        let report = crate::pipeline::run(config, inference, shutdown).await?;
+        let report = crate::pipeline::run_with_telemetry(config, inference, telemetry, shutdown).await?;
         watcher.abort();
         let seen = watcher.await.ok().and_then(|r| r.ok()).unwrap_or(expected);
         Ok::<_, anyhow::Error>((report, seen))
-    })?;
+    });
+    telemetry.finish();
+    let (report, seen) = outcome?;
     eprintln!(
         "attrstream demo: {} attribute records, {} dead letters {:?}, mean batch {:.2}, {:.1} s; \
          annotated images and records.jsonl in {}",
@@ -136,6 +155,7 @@ fn demo_config(broker: &EmbeddedBroker, args: &DemoArgs, file_root: &Path) -> Re
     config.model.devices = args.devices.clone();
     config.model.weights = args.weights.clone();
     config.pipeline.shutdown_deadline = Duration::from_secs(30);
+    config.telemetry.listen = args.telemetry_listen.clone();
     config.validate()?;
     Ok(config)
 }

@@ -6,7 +6,9 @@ use anyhow::Result;
 
 use crate::cli::ServeArgs;
 use crate::config::redact;
-use crate::serve::{detector_inference, follow_registry, load_config, runtime, shutdown_signal};
+use crate::serve::{configured_devices, detector_inference, follow_registry, load_config, runtime, shutdown_signal};
+use crate::telemetry::http::HttpServer;
+use crate::telemetry::{device_memory, Telemetry};
 
 /// Loads the configuration, starts the workers and runs the pipeline until a signal.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -19,6 +21,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         if shown.schemas.registry_password.is_some() {
             shown.schemas.registry_password = Some("<redacted>".into());
         }
+        shown.database = shown.database.redacted();
         println!("{}", toml::to_string_pretty(&shown)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -33,10 +36,20 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     );
     let (mut inference, model) = detector_inference(&config)?;
     tracing::info!(model = %model.name, version = %model.version, workers = inference.workers, "model");
+    let telemetry = Telemetry::for_command(&config.telemetry)?;
+    let listen = config.telemetry.listen_addr()?;
+    let _device_memory = device_memory::watch(&configured_devices(&config)?, telemetry.metrics());
     let report = runtime()?.block_on(async {
+        // Up before the models load: probes answer (alive, not ready) during a slow start.
+        let _server = match listen {
+            Some(addr) => Some(HttpServer::start(telemetry.clone(), addr).await?),
+            None => None,
+        };
         inference.updates = follow_registry(&config, &model).await?;
-        crate::pipeline::run(config, inference, shutdown_signal()).await
-    })?;
+        crate::pipeline::run_with_telemetry(config, inference, telemetry.clone(), shutdown_signal()).await
+    });
+    telemetry.finish();
+    let report = report?;
     tracing::info!(
         consumed = report.consumed,
         produced = report.produced,

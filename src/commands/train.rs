@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::{ScheduleKind, SplitKind, TrainArgs};
 use crate::serve::load_config_without_serve_schemas;
+use crate::telemetry::Telemetry;
 use crate::train::job::{self, BaseModel, TrainJob, ValidationSource};
 use crate::train::registry::PromotionPolicy;
 use crate::train::replay::ReplayRanges;
@@ -16,8 +17,16 @@ use crate::train::trainer::TrainSettings;
 /// Runs the job and prints its outcome; exits 0 when it trained (promotion refusals are
 /// outcomes, not errors: they are printed and recorded in the registry).
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
-    let job = job_from_args(args)?;
-    let outcome = job::run(job)?;
+    let mut job = job_from_args(args)?;
+    // Step figures go out by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; tracing spans too.
+    let telemetry = Telemetry::for_command(&job.config.telemetry)?;
+    job.metrics = Some(telemetry.train_metrics());
+    let outcome = {
+        let _span = tracing::info_span!("train", topic = %job.topic, steps = job.settings.steps).entered();
+        job::run(job)
+    };
+    telemetry.finish();
+    let outcome = outcome?;
     let first = outcome.steps.first().map(|s| s.total());
     let last = outcome.steps.last().map(|s| s.total());
     eprintln!(
@@ -169,6 +178,7 @@ fn job_from_args(args: TrainArgs) -> Result<TrainJob> {
         eval_batch_size: args.eval_batch_size.max(1),
         promote,
         progress: !args.no_progress,
+        metrics: None,
     })
 }
 

@@ -1147,6 +1147,7 @@ mod tests {
             IMAGE_TOO_LARGE,
             CORRUPT_IMAGE,
             INFERENCE_FAILED,
+            DATABASE_WRITE_FAILED,
         ] {
             assert!(doc.contains(kind), "DeadLetter.error_kind doc does not list {kind}");
         }

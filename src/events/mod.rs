@@ -47,4 +47,8 @@ pub mod error_kinds {
     pub const CORRUPT_IMAGE: &str = "corrupt_image";
     /// The model failed on this image even after the worker was restarted and the image retried alone.
     pub const INFERENCE_FAILED: &str = "inference_failed";
+    /// The PostgreSQL sink could not store the event's row after its retries (or PostgreSQL
+    /// refused the data). The output record was still produced; replay the dead letter to
+    /// write the row.
+    pub const DATABASE_WRITE_FAILED: &str = "database_write_failed";
 }

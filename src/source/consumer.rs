@@ -21,6 +21,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::offsets::{MessagePosition, OffsetTracker};
+use crate::telemetry::{EventTrace, Health};
 
 /// One consumed message, owned, with what the pipeline needs to report its completion.
 #[derive(Debug)]
@@ -35,6 +36,8 @@ pub struct InputMessage {
     pub headers: Vec<(String, Vec<u8>)>,
     /// When the consumer handed it over (start of the end-to-end latency).
     pub received: Instant,
+    /// The event's trace, started by the pipeline (empty until then and when tracing is off).
+    pub trace: EventTrace,
 }
 
 /// Reports finished messages (output or dead letter acknowledged by the broker).
@@ -51,6 +54,8 @@ pub struct ConsumerSettings {
     pub max_in_flight: usize,
     /// How long a revoke (rebalance) or shutdown waits for in-flight work.
     pub drain_timeout: Duration,
+    /// Where the poll loop reports liveness, assignments, in-flight work and lag.
+    pub health: Arc<Health>,
 }
 
 /// Counters the consumer thread returns when it stops.
@@ -131,15 +136,22 @@ impl SharedState {
 /// The consumer's context: rebalance handling that keeps at-least-once across rebalances.
 struct TrackingContext {
     state: Arc<Mutex<SharedState>>,
+    health: Arc<Health>,
 }
 
-impl ClientContext for TrackingContext {}
+impl ClientContext for TrackingContext {
+    /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.health.record_statistics(&statistics);
+    }
+}
 
 impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else {
             return;
         };
+        self.health.rebalance_started();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let revoked: Vec<i32> = list
             .elements()
@@ -168,6 +180,8 @@ impl ConsumerContext for TrackingContext {
                 tracing::warn!(error = %e, "commit on revoke failed; uncommitted work will be redelivered");
             }
         }
+        self.health.partitions_revoked(&state.topic, &revoked);
+        self.health.rebalance_finished();
         tracing::info!(partitions = ?revoked, "partitions revoked");
     }
 
@@ -188,6 +202,7 @@ impl ConsumerContext for TrackingContext {
                 tracing::warn!(error = %e, "could not pause newly assigned partitions");
             }
         }
+        self.health.partitions_assigned(&state.topic, &assigned);
         tracing::info!(partitions = ?assigned, "partitions assigned");
     }
 }
@@ -260,8 +275,15 @@ pub fn spawn_consumer(
         config.set(k, v);
     }
     config.set("enable.auto.offset.store", "false");
+    if !settings.properties.iter().any(|(k, _)| k == "statistics.interval.ms") {
+        // Consumer lag for attrstream_consumer_lag; parsing the statistics every 5 s is cheap.
+        config.set("statistics.interval.ms", "5000");
+    }
     let consumer: BaseConsumer<TrackingContext> = config
-        .create_with_context(TrackingContext { state: state.clone() })
+        .create_with_context(TrackingContext {
+            state: state.clone(),
+            health: settings.health.clone(),
+        })
         .context("cannot create the Kafka consumer (check kafka.* settings)")?;
     consumer
         .subscribe(&[&settings.topic])
@@ -294,10 +316,13 @@ fn poll_loop(
         |s: &Arc<Mutex<SharedState>>| s.lock().unwrap_or_else(|e| e.into_inner()).apply_completions();
     let mut last_error: Option<Instant> = None;
     let mut stalled_since: Option<Instant> = None;
+    let health = settings.health.clone();
+    health.consumer_started(settings.drain_timeout);
     while !shutdown.load(Ordering::SeqCst) {
         let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
         let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
+        health.heartbeat(in_flight);
         report.peak_in_flight = report.peak_in_flight.max(in_flight);
         if in_flight >= settings.max_in_flight {
             let since = *stalled_since.get_or_insert_with(Instant::now);
@@ -337,6 +362,7 @@ fn poll_loop(
                     value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     headers,
                     received: Instant::now(),
+                    trace: EventTrace::default(),
                 };
                 report.consumed += 1;
                 if output.send(input).is_err() {
@@ -359,6 +385,7 @@ fn poll_loop(
         let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
         let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
+        health.heartbeat(in_flight);
         if in_flight == 0 {
             break;
         }
@@ -378,6 +405,7 @@ fn poll_loop(
         Err(e) => tracing::warn!(error = %e, "final commit failed; uncommitted work will be redelivered"),
     }
     drop(consumer); // closes: leaves the group so partitions move to others at once
+    health.consumer_stopped();
     Ok(report)
 }
 

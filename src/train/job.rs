@@ -86,6 +86,8 @@ pub struct TrainJob {
     pub promote: Option<PromotionPolicy>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Where each step's figures go as OpenTelemetry metrics (`attrstream_train_*`), if anywhere.
+    pub metrics: Option<crate::telemetry::TrainMetrics>,
 }
 
 /// What a job did; also written to `report.json` in the run folder.
@@ -408,6 +410,9 @@ fn train_loop(
             .collect::<Result<Vec<_>>>()?;
         let batch: Vec<&TrainExample> = tensors.iter().collect();
         let s = trainer.step(&batch)?;
+        if let Some(metrics) = &job.metrics {
+            metrics.step(&s, batch.len());
+        }
         bar.set_position(s.step + 1);
         bar.set_message(format!(
             "loss {:.3} (cls {:.3} box {:.3} obj {:.3} rpn {:.3}) lr {:.2e} {:.1} img/s",

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
 pub mod kafka;
+pub mod postgres;
 pub mod registry;
 
 /// The project root.
