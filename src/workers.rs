@@ -523,8 +523,10 @@ mod tests {
 
     #[tokio::test]
     async fn every_batch_comes_back_across_workers() {
-        let builds = Arc::new(AtomicUsize::new(0));
-        let (pool, mut rx) = picky_pool(3, builds);
+        // A backend that takes a little time per batch: with an instant one, a worker may
+        // finish each batch before the next dispatch and legitimately take them all.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let pool = WorkerPool::start(3, versioned("v1"), 1, tx).unwrap();
         for i in 0..30usize {
             pool.dispatch(WorkBatch {
                 images: vec![image([0, 0, 0]); 2],

@@ -10,6 +10,10 @@
 //! - offsets do not move while the database write is blocked (table lock), and do after;
 //! - migrations: two replicas starting at once apply them once; an edited migration and a
 //!   missing table without `run_migrations` are refused; a row PostgreSQL rejects fails alone.
+//! - TLS (a cluster taking TCP clients over TLS only, certificates made at test time): with
+//!   `sslmode=verify-full` and the CA as `sslrootcert` the pipeline writes rows on encrypted
+//!   sessions; plain text, an untrusted CA, a certificate for another host, or `require`
+//!   against a server without TLS fail at once with what to fix.
 
 mod common;
 
@@ -29,7 +33,7 @@ use attrstream::sink::postgres::migrate::{checksum, MIGRATIONS};
 use attrstream::sink::postgres::{DatabaseConfig, PostgresSink, Written};
 use attrstream::telemetry::Telemetry;
 use common::kafka::*;
-use common::postgres::{wait_until, TestPostgres, WRITER_PASSWORD};
+use common::postgres::{wait_until, TestCa, TestPostgres, WRITER_PASSWORD};
 
 const IN: &str = "images";
 const OUT: &str = "attributes";
@@ -491,7 +495,7 @@ fn a_database_that_refuses_writes_dead_letters_after_retries_and_the_stream_cont
     let db = report.database;
     assert_eq!((db.ok, db.retried, db.failed), (4, 0, 5), "{db:?}");
     assert!(
-        db.retry_attempts >= 2 && db.retry_attempts % 2 == 0,
+        db.retry_attempts >= 2 && db.retry_attempts.is_multiple_of(2),
         "each failed batch was retried twice: {db:?}"
     );
     let metrics = telemetry.prometheus_text();
@@ -654,4 +658,183 @@ fn migrations_apply_once_under_concurrent_starts_and_are_checked() {
     let err = format!("{:#}", rt.block_on(PostgresSink::start(&wrong)).err().unwrap());
     assert!(err.contains("password") && err.contains("database.url"), "{err}");
     assert!(!err.contains("not-the-password"), "{err}");
+}
+
+/// `database(pg, db)` with `params` (e.g. `sslmode=...&sslrootcert=...`) added to its URL.
+fn database_with(pg: &TestPostgres, db: &str, params: &str) -> DatabaseConfig {
+    DatabaseConfig {
+        url: Some(format!("{}?{params}", pg.writer_url(db))),
+        ..database(pg, db)
+    }
+}
+
+/// Writes `pem` to `dir/name`; returns the path for `sslrootcert`.
+fn pem_file(dir: &tempfile::TempDir, name: &str, pem: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, pem).unwrap();
+    path.display().to_string()
+}
+
+/// The writer role's sessions now: (over TLS, all).
+fn writer_sessions(pg: &TestPostgres) -> (i64, i64) {
+    let rows = pg.admin("postgres").query(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.usename = 'writer'",
+    );
+    (rows[0].get(0), rows[0].get(1))
+}
+
+/// Starting the sink with `cfg` fails: its whole error text and how long it took. `retries`
+/// is 5 (at least 6.2 s of backoff), so a quick answer shows it was not retried.
+fn start_error(rt: &tokio::runtime::Runtime, cfg: DatabaseConfig) -> (String, Duration) {
+    let cfg = DatabaseConfig { retries: 5, ..cfg };
+    let started = Instant::now();
+    let err = rt
+        .block_on(PostgresSink::start(&cfg))
+        .err()
+        .expect("the sink must not start");
+    (format!("{err:#}"), started.elapsed())
+}
+
+#[test]
+fn with_verify_full_and_the_ca_the_pipeline_writes_rows_over_tls() {
+    let ca = TestCa::new("attrstream test CA");
+    let pg = TestPostgres::start_tls(&ca.server_cert(&["127.0.0.1"]));
+    pg.create_database("tls");
+    let certs = tempfile::tempdir().unwrap();
+    let ca_file = pem_file(&certs, "ca.pem", ca.cert_pem());
+    let broker = EmbeddedBroker::start(1, &[(IN, 2), (OUT, 1), (DLQ, 1)]).unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let db = database_with(&pg, "tls", &format!("sslmode=verify-full&sslrootcert={ca_file}"));
+    let running = Running::start(
+        config(&brokers, "g-tls", db),
+        fake_inference(1, Duration::from_millis(5)),
+    );
+    let records: Vec<_> = (0..6)
+        .map(|i| event(&format!("t{i}"), &format!("t{i}-a"), Some(i)))
+        .collect();
+    produce_raw(&brokers, IN, &records);
+    wait_all_committed(&brokers, "g-tls", 2);
+    assert_eq!(row_count(&pg, "tls", "event_id LIKE 't%-a'"), 6);
+    let (encrypted, all) = writer_sessions(&pg);
+    assert!(
+        all >= 1 && encrypted == all,
+        "{encrypted} of {all} writer sessions use TLS"
+    );
+    let report = running.stop();
+    assert!(report.dead_lettered.is_empty(), "{:?}", report.dead_lettered);
+    assert_eq!(report.database.ok, 6, "{:?}", report.database);
+}
+
+#[test]
+fn plain_text_and_untrusted_certificates_are_refused_at_once_saying_what_to_fix() {
+    let ca = TestCa::new("attrstream test CA");
+    let pg = TestPostgres::start_tls(&ca.server_cert(&["127.0.0.1"]));
+    pg.create_database("tls");
+    let certs = tempfile::tempdir().unwrap();
+    let ca_file = pem_file(&certs, "ca.pem", ca.cert_pem());
+    let wrong_ca = pem_file(&certs, "other-ca.pem", TestCa::new("another CA").cert_pem());
+    let rt = runtime();
+    let quick = Duration::from_secs(3);
+
+    // Plain text: the server (pg_hba.conf hostnossl ... reject) refuses the session.
+    let (err, took) = start_error(&rt, database_with(&pg, "tls", "sslmode=disable"));
+    assert!(
+        err.contains("no encryption") && err.contains("sslmode=verify-full"),
+        "{err}"
+    );
+    assert!(took < quick, "a TLS mismatch is not retried ({took:?}): {err}");
+
+    // A certificate signed by a CA that is not sslrootcert.
+    for params in [
+        format!("sslmode=verify-full&sslrootcert={wrong_ca}"),
+        // With a CA file, require verifies the chain as libpq does.
+        format!("sslmode=require&sslrootcert={wrong_ca}"),
+    ] {
+        let (err, took) = start_error(&rt, database_with(&pg, "tls", &params));
+        assert!(
+            err.contains("UnknownIssuer") && err.contains("not signed by a trusted CA") && err.contains("sslrootcert"),
+            "{params}: {err}"
+        );
+        assert!(took < quick, "{params}: not retried ({took:?})");
+    }
+    // Without sslrootcert, verify-full trusts the platform store, which has no test CA.
+    let (err, _) = start_error(&rt, database_with(&pg, "tls", "sslmode=verify-full"));
+    assert!(err.contains("sslrootcert"), "{err}");
+
+    // require without a CA file: encrypted, not authenticated (libpq's meaning); with the right
+    // CA file, the chain is checked and passes; the default, prefer, takes TLS when offered. All
+    // must be TLS here: the server rejects plain text.
+    let mut sinks = Vec::new();
+    for params in [
+        "sslmode=require".to_string(),
+        format!("sslmode=require&sslrootcert={ca_file}"),
+        "application_name=prefer-by-default".to_string(),
+    ] {
+        let sink = rt
+            .block_on(PostgresSink::start(&database_with(&pg, "tls", &params)))
+            .unwrap_or_else(|e| panic!("{params}: {e:#}"));
+        let written = rt.block_on(sink.upsert(&record(&params, "e1", Some(1), "1", "cup")));
+        assert_eq!(written, Ok(Written::FirstAttempt), "{params}");
+        sinks.push(sink);
+    }
+    assert_eq!(row_count(&pg, "tls", "true"), 3);
+    let (encrypted, all) = writer_sessions(&pg);
+    assert!(
+        all >= 2 && encrypted == all,
+        "{encrypted} of {all} writer sessions use TLS"
+    );
+}
+
+#[test]
+fn verify_full_refuses_a_certificate_for_another_host_that_verify_ca_accepts() {
+    let ca = TestCa::new("attrstream test CA");
+    let pg = TestPostgres::start_tls(&ca.server_cert(&["db.other.example"]));
+    pg.create_database("tls");
+    let certs = tempfile::tempdir().unwrap();
+    let ca_file = pem_file(&certs, "ca.pem", ca.cert_pem());
+    let rt = runtime();
+
+    let (err, took) = start_error(
+        &rt,
+        database_with(&pg, "tls", &format!("sslmode=verify-full&sslrootcert={ca_file}")),
+    );
+    assert!(
+        err.contains("not valid for name") && err.contains("db.other.example") && err.contains("sslmode=verify-ca"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(3), "not retried ({took:?}): {err}");
+
+    // verify-ca checks the chain only: the same certificate is accepted.
+    let sink = rt
+        .block_on(PostgresSink::start(&database_with(
+            &pg,
+            "tls",
+            &format!("sslmode=verify-ca&sslrootcert={ca_file}"),
+        )))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let written = rt.block_on(sink.upsert(&record("p", "e1", Some(1), "1", "cup")));
+    assert_eq!(written, Ok(Written::FirstAttempt));
+}
+
+#[test]
+fn sslmode_require_against_a_server_without_tls_says_so() {
+    let pg = TestPostgres::start();
+    pg.create_database("plain");
+    let rt = runtime();
+    for params in ["sslmode=require", "sslmode=verify-full"] {
+        let (err, took) = start_error(&rt, database_with(&pg, "plain", params));
+        assert!(
+            err.contains("does not accept TLS") && err.contains("sslmode=disable"),
+            "{params}: {err}"
+        );
+        assert!(took < Duration::from_secs(3), "{params}: not retried ({took:?})");
+    }
+    // The default (prefer) falls back to plain text when the server declines TLS.
+    let _sink = rt.block_on(PostgresSink::start(&database(&pg, "plain"))).unwrap();
+    let (encrypted, all) = writer_sessions(&pg);
+    assert!(
+        all >= 1 && encrypted == 0,
+        "{encrypted} of {all} writer sessions use TLS"
+    );
 }

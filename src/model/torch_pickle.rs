@@ -1065,7 +1065,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&self, target: &Value, items: Vec<Value>) -> Result<(), VmError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("odd number of items for SETITEMS"));
         }
         match target {

@@ -7,6 +7,9 @@
 //! `scripts/setup --test`), else `initdb` on the PATH. Without them the tests fail, saying so.
 //! PostgreSQL refuses to run as root: as root the server runs as the `postgres` user
 //! (created if missing).
+//!
+//! [`TestPostgres::start_tls`] starts one that takes TCP clients over TLS only, with a
+//! certificate from a [`TestCa`] made at test time (rcgen).
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -14,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use tokio_postgres::{Client, NoTls, Row};
 
 /// The superuser (password authentication over TCP).
@@ -25,6 +31,56 @@ pub const WRITER: &str = "writer";
 /// The writer's password.
 pub const WRITER_PASSWORD: &str = "writer-secret";
 
+/// A server's TLS certificate (PEM, leaf first) and its private key (PEM).
+pub struct ServerTls {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}
+
+/// A certificate authority made at test time, to sign servers' certificates.
+pub struct TestCa {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    /// A new self-signed CA named `name` (ECDSA P-256).
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("self-signed CA certificate");
+        Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses), signed by this CA.
+    pub fn server_cert(&self, names: &[&str]) -> ServerTls {
+        let key = KeyPair::generate().expect("server key");
+        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("server certificate parameters");
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).expect("server certificate");
+        ServerTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
 /// A running server; stopped and deleted on drop.
 pub struct TestPostgres {
     dir: tempfile::TempDir,
@@ -32,12 +88,25 @@ pub struct TestPostgres {
     port: u16,
     /// `Some("postgres")` when we are root and must run the server as someone else.
     run_as: Option<String>,
+    /// TCP takes TLS clients only: setup connections go through the Unix socket.
+    tls_only: bool,
 }
 
 impl TestPostgres {
     /// initdb + start, with the `writer` role created. Panics with instructions when the
     /// server binaries are missing.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`TestPostgres::start`], with `ssl = on` and `tls` as the server's certificate,
+    /// and TCP clients on 127.0.0.1 accepted only over TLS (pg_hba.conf:
+    /// `hostssl all all 127.0.0.1/32 scram-sha-256`, `hostnossl all all 127.0.0.1/32 reject`).
+    pub fn start_tls(tls: &ServerTls) -> Self {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> Self {
         let bin = server_bin_dir();
         let run_as = if is_root() { Some(ensure_server_user()) } else { None };
         let dir = tempfile::Builder::new()
@@ -53,6 +122,7 @@ impl TestPostgres {
             bin,
             port: 0,
             run_as,
+            tls_only: tls.is_some(),
         };
         server.run_checked(
             "initdb",
@@ -71,6 +141,9 @@ impl TestPostgres {
                 "--locale=C",
             ],
         );
+        if let Some(tls) = tls {
+            server.enable_tls(tls);
+        }
         let mut last_error = String::new();
         for _ in 0..5 {
             server.port = free_port();
@@ -103,9 +176,17 @@ impl TestPostgres {
         format!("postgres://{WRITER}@127.0.0.1:{}/{name}", self.port)
     }
 
-    /// A superuser connection to database `name`. Its statements time out after 60 s, so a
-    /// test that waits on its own lock fails instead of hanging.
+    /// A superuser connection to database `name` (over TCP, or the Unix socket when TCP takes
+    /// TLS clients only). Its statements time out after 60 s, so a test that waits on its own
+    /// lock fails instead of hanging.
     pub fn admin(&self, name: &str) -> Sql {
+        if self.tls_only {
+            return Sql::connect(&format!(
+                "host={} port={} user={ADMIN} dbname={name} options='-c statement_timeout=60s'",
+                self.dir.path().display(),
+                self.port
+            ));
+        }
         Sql::connect(&format!(
             "postgres://{ADMIN}:{ADMIN_PASSWORD}@127.0.0.1:{}/{name}?options=-c%20statement_timeout%3D60s",
             self.port
@@ -121,6 +202,37 @@ impl TestPostgres {
     pub fn restart(&self) {
         self.pg_ctl_start()
             .unwrap_or_else(|e| panic!("PostgreSQL did not restart: {e}"));
+    }
+
+    /// Writes the certificate and key (key mode 0600, both owned by the server's user), turns
+    /// `ssl` on and replaces pg_hba.conf so TCP clients must use TLS.
+    fn enable_tls(&self, tls: &ServerTls) {
+        use std::os::unix::fs::PermissionsExt;
+
+        let cert = self.dir.path().join("server.crt");
+        let key = self.dir.path().join("server.key");
+        std::fs::write(&cert, &tls.cert_pem).unwrap();
+        std::fs::write(&key, &tls.key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if let Some(user) = &self.run_as {
+            chown_recursive(&cert, user);
+            chown_recursive(&key, user);
+        }
+        let data = PathBuf::from(self.data_dir());
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
     }
 
     fn data_dir(&self) -> String {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
+
+use super::tls::{split_url, TlsSettings};
 
 /// What a secret is shown as in logs, `--print-config` and `Debug` output.
 const REDACTED: &str = "<redacted>";
@@ -16,8 +18,9 @@ const REDACTED: &str = "<redacted>";
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `postgres://USER@HOST:PORT/DB` (also `postgresql://`; libpq's query parameters such as
-    /// `options=-c statement_timeout=5s` or `application_name` work). Absent or empty: the
-    /// sink is disabled. A password inside it is accepted but never logged; prefer `password`.
+    /// `options=-c statement_timeout=5s` or `application_name` work, and TLS is set with libpq's
+    /// `sslmode` and `sslrootcert`, see [`super::tls`]). Absent or empty: the sink is disabled.
+    /// A password inside it is accepted but never logged; prefer `password`.
     pub url: Option<String>,
     /// The password, kept apart from `url` so it can come from a Kubernetes Secret through
     /// `ATTRSTREAM_DATABASE__PASSWORD`. Never logged.
@@ -94,7 +97,16 @@ impl DatabaseConfig {
         Ok(())
     }
 
-    /// The connection settings: `url` parsed, `password` applied, `connect_timeout` set and
+    /// The TLS settings of `url` (`sslmode`, `sslrootcert`); the defaults when no URL is set.
+    pub fn tls(&self) -> Result<TlsSettings> {
+        match self.url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => split_url(url).map(|(_, tls)| tls),
+            None => Ok(TlsSettings::default()),
+        }
+    }
+
+    /// The connection settings: `url` parsed (its TLS parameters turned into the `sslmode`
+    /// tokio-postgres enforces), `password` applied, `connect_timeout` set and
     /// `application_name` defaulted to `attrstream`.
     pub fn postgres_config(&self) -> Result<tokio_postgres::Config> {
         let Some(url) = self.url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
@@ -106,7 +118,8 @@ impl DatabaseConfig {
                 redact_url(url)
             );
         }
-        let mut config = tokio_postgres::Config::from_str(url)
+        let (rest, tls) = split_url(url)?;
+        let mut config = tokio_postgres::Config::from_str(&rest)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("database.url `{}` is not a valid PostgreSQL URL", redact_url(url)))?;
         if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
@@ -122,12 +135,7 @@ impl DatabaseConfig {
         {
             bail!("database.url has an empty host name ({host:?})");
         }
-        if config.get_ssl_mode() == SslMode::Require {
-            bail!(
-                "database.url asks for sslmode=require, but this build connects to PostgreSQL without \
-                 TLS; use sslmode=disable or prefer on a trusted network (or a TLS-terminating proxy)"
-            );
-        }
+        config.ssl_mode(tls.mode.postgres());
         match (&self.password, config.get_password().is_some()) {
             (Some(_), true) => bail!(
                 "the database password is set twice, in database.url and in database.password \
@@ -244,12 +252,41 @@ mod tests {
     }
 
     #[test]
+    fn tls_parameters_of_the_url_set_what_tokio_postgres_enforces() {
+        use crate::sink::postgres::tls::{RootCerts, TlsMode};
+        use tokio_postgres::config::SslMode;
+
+        let c =
+            with_url("postgres://writer@db/attrs?sslmode=verify-full&sslrootcert=/etc/db/ca.pem&application_name=x");
+        c.validate().unwrap();
+        let pg = c.postgres_config().unwrap();
+        assert_eq!(pg.get_ssl_mode(), SslMode::Require, "verify-full must mean encrypted");
+        assert_eq!(pg.get_application_name(), Some("x"), "other parameters are kept");
+        let tls = c.tls().unwrap();
+        assert_eq!(tls.mode, TlsMode::VerifyFull);
+        assert_eq!(tls.root_cert, Some(RootCerts::File("/etc/db/ca.pem".into())));
+        for (url, mode) in [
+            ("postgres://writer@db/attrs", SslMode::Prefer),
+            ("postgres://writer@db/attrs?sslmode=disable", SslMode::Disable),
+            ("postgres://writer@db/attrs?sslmode=require", SslMode::Require),
+            ("postgres://writer@db/attrs?sslmode=verify-ca", SslMode::Require),
+        ] {
+            assert_eq!(with_url(url).postgres_config().unwrap().get_ssl_mode(), mode, "{url}");
+        }
+        assert_eq!(DatabaseConfig::default().tls().unwrap().mode, TlsMode::Prefer);
+    }
+
+    #[test]
     fn errors_name_the_key_and_never_show_the_password() {
         for (url, needle) in [
             ("mysql://u:hunter2@db/x", "postgres://"),
             ("db.internal:5432", "postgres://"),
             ("postgres://u:hunter2@db/x?port=notaport", "database.url"),
-            ("postgres://u:hunter2@db/x?sslmode=require", "sslmode=require"),
+            ("postgres://u:hunter2@db/x?sslmode=required", "sslmode=required"),
+            (
+                "postgres://u:hunter2@db/x?sslrootcert=system&sslmode=prefer",
+                "verify-full",
+            ),
             ("postgres://u:hunter2@db/x?bogus_option=1", "database.url"),
         ] {
             let err = format!("{:#}", with_url(url).validate().unwrap_err());

@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod config;
 pub mod migrate;
+pub mod tls;
 pub mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,9 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use backon::{ExponentialBuilder, Retryable as _};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_postgres::NoTls;
 
 use crate::events::ProductAttributes;
 use batch::{collect_batch, ProductRow};
@@ -120,14 +120,17 @@ pub struct PostgresSink {
 }
 
 impl PostgresSink {
-    /// Connects, applies the migrations (or checks the table exists when `run_migrations` is
-    /// false) and starts the writer. Retries like a write does, so a database that starts
-    /// together with the service is waited for; then fails with what to check.
+    /// Connects (over TLS as `sslmode` in `database.url` asks, see [`tls`]), applies the
+    /// migrations (or checks the table exists when `run_migrations` is false) and starts the
+    /// writer. Retries like a write does, so a database that starts together with the service is
+    /// waited for; then fails with what to check. A TLS mismatch or a rejected certificate
+    /// fails at once, since waiting does not fix it.
     pub async fn start(config: &DatabaseConfig) -> Result<Self> {
         let pg = config.postgres_config()?;
+        let tls = config.tls()?;
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls.connector()?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -148,6 +151,7 @@ impl PostgresSink {
         let applied = (|| prepare_schema(&pool, config.run_migrations))
             .retry(backoff)
             .sleep(tokio::time::sleep)
+            .when(|e: &anyhow::Error| e.downcast_ref::<tls::ConnectFailure>().is_none_or(|f| f.retry_may_help))
             .notify(|e: &anyhow::Error, delay: Duration| {
                 tracing::warn!(url = %url, error = %format!("{e:#}"), ?delay, "PostgreSQL not ready; retrying");
             })
@@ -158,7 +162,7 @@ impl PostgresSink {
                      (database.password / ATTRSTREAM_DATABASE__PASSWORD) and that the server is reachable"
                 )
             })?;
-        tracing::info!(url = %url, migrations_applied = ?applied, pool_size = config.pool_size,
+        tracing::info!(url = %url, tls = %tls, migrations_applied = ?applied, pool_size = config.pool_size,
             max_batch_size = config.max_batch_size, "PostgreSQL sink ready");
 
         let stats = Arc::new(DatabaseStats::default());
@@ -206,7 +210,10 @@ impl PostgresSink {
 
 /// Connects once and brings the schema up to date (or checks it); returns the migrations applied.
 async fn prepare_schema(pool: &Pool, run_migrations: bool) -> Result<Vec<i32>> {
-    let mut client = pool.get().await.map_err(|e| anyhow::anyhow!("connecting: {e}"))?;
+    let mut client = pool.get().await.map_err(|e| match e {
+        PoolError::Backend(e) => anyhow::Error::new(tls::explain_connect_error(&e)).context("connecting"),
+        other => anyhow::anyhow!("connecting: {other}"),
+    })?;
     if run_migrations {
         migrate::migrate(&mut client).await
     } else {

@@ -203,7 +203,7 @@ fn db_failure(e: &tokio_postgres::Error) -> WriteFailure {
 fn pool_failure(e: PoolError) -> WriteFailure {
     match e {
         PoolError::Backend(e) => WriteFailure {
-            message: format!("cannot connect: {}", db_failure(&e).message),
+            message: format!("cannot connect: {}", super::tls::explain_connect_error(&e).message),
             permanent: false,
         },
         other => WriteFailure {
