@@ -16,43 +16,13 @@ use attrstream::events::codec::{
 };
 use attrstream::events::wire::{frame, unframe};
 use attrstream::events::{DeadLetter, ImageSource, ProductAttributes, ProductImageEvent};
-use attrstream::pipeline::{run, Inference, ModelUpdate, RunReport};
+use attrstream::pipeline::{Inference, ModelUpdate};
 use common::kafka::*;
+use common::pipeline::Running;
 
 const IN: &str = "images";
 const OUT: &str = "attributes";
 const DLQ: &str = "dead-letters";
-
-/// A pipeline running on its own thread and runtime, stopped by [`Running::stop`].
-struct Running {
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: std::thread::JoinHandle<anyhow::Result<RunReport>>,
-}
-
-impl Running {
-    fn start(config: Config, inference: Inference) -> Self {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(run(config, inference, async {
-                let _ = rx.await;
-            }))
-        });
-        Self {
-            shutdown: Some(tx),
-            thread,
-        }
-    }
-
-    fn stop(mut self) -> RunReport {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.thread.join().expect("pipeline thread").expect("pipeline run")
-    }
-}
 
 fn config(brokers: &str, group: &str) -> Config {
     let mut c = Config::default();

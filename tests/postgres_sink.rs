@@ -28,52 +28,17 @@ use attrstream::events::{
     AggregatedAttributes, DeadLetter, ImageSource, LabelSummary, ModelRef, ProductAttributes, ProductImageEvent,
     StageTimings,
 };
-use attrstream::pipeline::{run_with_telemetry, Inference, RunReport};
+use attrstream::pipeline::Inference;
 use attrstream::sink::postgres::migrate::{checksum, MIGRATIONS};
 use attrstream::sink::postgres::{DatabaseConfig, PostgresSink, Written};
 use attrstream::telemetry::Telemetry;
 use common::kafka::*;
+use common::pipeline::Running;
 use common::postgres::{wait_until, TestCa, TestPostgres, WRITER_PASSWORD};
 
 const IN: &str = "images";
 const OUT: &str = "attributes";
 const DLQ: &str = "dead-letters";
-
-/// A pipeline running on its own thread and runtime, stopped by [`Running::stop`].
-struct Running {
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: std::thread::JoinHandle<anyhow::Result<RunReport>>,
-}
-
-impl Running {
-    fn start(config: Config, inference: Inference) -> Self {
-        Self::start_with(config, inference, Telemetry::local().unwrap())
-    }
-
-    /// Like [`Running::start`], reporting metrics into `telemetry`.
-    fn start_with(config: Config, inference: Inference, telemetry: Telemetry) -> Self {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(run_with_telemetry(config, inference, telemetry, async {
-                let _ = rx.await;
-            }))
-        });
-        Self {
-            shutdown: Some(tx),
-            thread,
-        }
-    }
-
-    fn stop(mut self) -> RunReport {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.thread.join().expect("pipeline thread").expect("pipeline run")
-    }
-}
 
 /// The sink's settings for database `db` of `pg`, connecting as the writer role with its
 /// password given apart from the URL (as from a Kubernetes Secret).
@@ -126,6 +91,13 @@ fn event(product: &str, event_id: &str, time_ms: Option<i64>) -> (Vec<u8>, Vec<u
 
 /// The group's committed offset per input partition; a partition with nothing committed yet
 /// counts as 0 (as an empty partition's end is 0).
+/// `count` events for products `{prefix}0`, `{prefix}1`, … with event ids `{prefix}N-a`, all at `time_ms`.
+fn events(prefix: &str, count: usize, time_ms: i64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (0..count)
+        .map(|i| event(&format!("{prefix}{i}"), &format!("{prefix}{i}-a"), Some(time_ms)))
+        .collect()
+}
+
 fn committed(brokers: &str, group: &str, partitions: i32) -> HashMap<i32, i64> {
     committed_offsets(brokers, group, IN, partitions)
         .into_iter()
@@ -441,9 +413,7 @@ fn a_database_that_refuses_writes_dead_letters_after_retries_and_the_stream_cont
 
     let admin = pg.admin("outage");
     admin.execute("REVOKE INSERT, UPDATE ON product_attributes FROM writer");
-    let down: Vec<_> = (0..5)
-        .map(|i| event(&format!("down{i}"), &format!("down{i}-a"), Some(10)))
-        .collect();
+    let down = events("down", 5, 10);
     produce_raw(&brokers, IN, &down);
     let read = read_topics(&brokers, &[OUT, DLQ], 1 + 5 + 5, Duration::from_secs(60));
     let letters = dead_letters(&read);
@@ -471,9 +441,7 @@ fn a_database_that_refuses_writes_dead_letters_after_retries_and_the_stream_cont
     wait_all_committed(&brokers, "g-outage", 2);
 
     admin.execute("GRANT INSERT, UPDATE ON product_attributes TO writer");
-    let up: Vec<_> = (0..3)
-        .map(|i| event(&format!("up{i}"), &format!("up{i}-a"), Some(20)))
-        .collect();
+    let up = events("up", 3, 20);
     produce_raw(&brokers, IN, &up);
     assert!(
         wait_until(Duration::from_secs(60), || row_count(
@@ -528,9 +496,7 @@ fn a_stopped_server_costs_dead_letters_not_events_and_is_reconnected_after_resta
     ) == 1));
 
     pg.stop();
-    let down: Vec<_> = (0..3)
-        .map(|i| event(&format!("down{i}"), &format!("down{i}-a"), Some(10)))
-        .collect();
+    let down = events("down", 3, 10);
     produce_raw(&brokers, IN, &down);
     let read = read_topics(&brokers, &[DLQ], 3, Duration::from_secs(60));
     let letters = dead_letters(&read);
@@ -542,9 +508,7 @@ fn a_stopped_server_costs_dead_letters_not_events_and_is_reconnected_after_resta
     wait_all_committed(&brokers, "g-restart", 1);
 
     pg.restart();
-    let up: Vec<_> = (0..3)
-        .map(|i| event(&format!("up{i}"), &format!("up{i}-a"), Some(20)))
-        .collect();
+    let up = events("up", 3, 20);
     produce_raw(&brokers, IN, &up);
     assert!(
         wait_until(Duration::from_secs(60), || row_count(
@@ -578,9 +542,7 @@ fn offsets_wait_for_the_database_write() {
     // Writes now wait on the lock (no statement timeout): nothing fails, nothing completes.
     let locker = pg.admin("locked");
     locker.execute("BEGIN; LOCK TABLE product_attributes IN ACCESS EXCLUSIVE MODE");
-    let blocked: Vec<_> = (0..10)
-        .map(|i| event(&format!("b{i}"), &format!("b{i}-a"), Some(5)))
-        .collect();
+    let blocked = events("b", 10, 5);
     produce_raw(&brokers, IN, &blocked);
     let outputs = read_topics(&brokers, &[OUT], 11, Duration::from_secs(60));
     assert_eq!(outputs.len(), 11, "the output records are acknowledged meanwhile");

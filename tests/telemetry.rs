@@ -28,13 +28,13 @@ use attrstream::embedded_broker::EmbeddedBroker;
 use attrstream::events::codec::encode_event;
 use attrstream::events::wire::frame;
 use attrstream::events::{ImageSource, ProductImageEvent};
-use attrstream::pipeline::{run_with_telemetry, Inference, RunReport};
 use attrstream::telemetry::http::HttpServer;
 use attrstream::telemetry::{OtlpSettings, Telemetry, TelemetrySettings};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use common::kafka::{fake_inference, png};
+use common::pipeline::Running;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -177,37 +177,6 @@ async fn metrics(State(state): State<Arc<Mutex<Received>>>, body: Bytes) -> Vec<
     let req = ExportMetricsServiceRequest::decode(body).expect("an OTLP metrics request");
     state.lock().unwrap().metrics.push(req);
     Vec::new()
-}
-
-/// A pipeline on its own thread and runtime with the given telemetry.
-struct Running {
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: std::thread::JoinHandle<anyhow::Result<RunReport>>,
-}
-
-impl Running {
-    fn start(config: Config, inference: Inference, telemetry: Telemetry) -> Self {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(run_with_telemetry(config, inference, telemetry, async {
-                let _ = rx.await;
-            }))
-        });
-        Self {
-            shutdown: Some(tx),
-            thread,
-        }
-    }
-
-    fn stop(mut self) -> RunReport {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.thread.join().expect("pipeline thread").expect("pipeline run")
-    }
 }
 
 /// The telemetry HTTP server of `telemetry` on a free port, on its own runtime.
@@ -419,7 +388,7 @@ fn events_are_traced_counted_and_exported() {
     }
     produce_with_headers(&brokers, IN, &records);
 
-    let running = Running::start(
+    let running = Running::start_with(
         config(&brokers, "g-telemetry"),
         fake_inference(1, Duration::from_millis(2)),
         telemetry.clone(),
@@ -594,7 +563,7 @@ fn readiness_follows_partition_assignment() {
     let brokers = broker.bootstrap_servers().to_string();
     let (ta, tb) = (telemetry(OtlpSettings::none()), telemetry(OtlpSettings::none()));
     let (ea, eb) = (Endpoints::start(&ta), Endpoints::start(&tb));
-    let a = Running::start(
+    let a = Running::start_with(
         config(&brokers, "g-ready"),
         fake_inference(1, Duration::ZERO),
         ta.clone(),
@@ -604,7 +573,7 @@ fn readiness_follows_partition_assignment() {
         200,
         "a alone holds the partition"
     );
-    let b = Running::start(
+    let b = Running::start_with(
         config(&brokers, "g-ready"),
         fake_inference(1, Duration::ZERO),
         tb.clone(),

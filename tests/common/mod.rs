@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
 pub mod kafka;
+pub mod pipeline;
 pub mod postgres;
 pub mod registry;
 
