@@ -6,6 +6,7 @@
 //! waits for company, so light load pays no batching latency, while under heavy load
 //! images pile up during each forward pass and batches fill by themselves.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,18 +60,27 @@ enum Closed {
 }
 
 /// Runs until `input` closes and every batch is dispatched.
+///
+/// `held` counts the images taken from `input` and not yet handed to a worker (the open
+/// batch, an image carried over to the next one, a batch waiting for a free worker), so
+/// that together with `input`'s length it tells how many images wait for a batch.
 pub async fn run_batcher<T: Send + 'static>(
     mut input: mpsc::Receiver<Pending<T>>,
     pool: Arc<WorkerPool<T>>,
     cfg: BatchConfig,
+    held: Arc<AtomicUsize>,
 ) -> Result<BatchStats> {
     let mut stats = BatchStats::default();
     let mut carry: Option<Pending<T>> = None;
+    let received = |p: Pending<T>| {
+        held.fetch_add(1, Ordering::Relaxed);
+        p
+    };
     loop {
         let first = match carry.take() {
             Some(p) => p,
             None => match input.recv().await {
-                Some(p) => p,
+                Some(p) => received(p),
                 None => break,
             },
         };
@@ -83,14 +93,14 @@ pub async fn run_batcher<T: Send + 'static>(
                 break Closed::Full;
             }
             let next = match input.try_recv() {
-                Ok(p) => Some(p),
+                Ok(p) => Some(received(p)),
                 Err(mpsc::error::TryRecvError::Disconnected) => break Closed::EndOfInput,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if pool.loads().contains(&0) {
                         break Closed::Eager;
                     }
                     match timeout_at(deadline, input.recv()).await {
-                        Ok(Some(p)) => Some(p),
+                        Ok(Some(p)) => Some(received(p)),
                         Ok(None) => break Closed::EndOfInput,
                         Err(_) => break Closed::TimedOut,
                     }
@@ -114,13 +124,17 @@ pub async fn run_batcher<T: Send + 'static>(
             Closed::EndOfInput => {}
         }
         stats.batches += 1;
-        stats.images += images.len() as u64;
-        pool.dispatch(WorkBatch {
-            images,
-            items,
-            closed_at: Instant::now(),
-        })
-        .await?;
+        let size = images.len();
+        stats.images += size as u64;
+        let dispatched = pool
+            .dispatch(WorkBatch {
+                images,
+                items,
+                closed_at: Instant::now(),
+            })
+            .await;
+        held.fetch_sub(size, Ordering::Relaxed);
+        dispatched?;
     }
     Ok(stats)
 }
@@ -179,7 +193,7 @@ mod tests {
         let (res_tx, res_rx) = mpsc::unbounded_channel();
         let pool = Arc::new(WorkerPool::start(1, factory, 0, res_tx).unwrap());
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run_batcher(rx, pool, cfg));
+        let task = tokio::spawn(run_batcher(rx, pool, cfg, Arc::new(AtomicUsize::new(0))));
         (tx, task, res_rx, largest)
     }
 
@@ -248,5 +262,43 @@ mod tests {
         let r = results.recv().await.unwrap();
         assert_eq!(r.items, vec![7]);
         assert!(started.elapsed() < Duration::from_secs(5), "did not wait for max_wait");
+    }
+
+    #[tokio::test]
+    async fn held_counts_images_taken_from_the_queue_until_dispatched() {
+        let cfg = BatchConfig {
+            max_batch_size: 8,
+            max_wait: Duration::from_secs(10),
+            max_batch_pixels: 1_000_000,
+        };
+        let factory: BackendFactory = Arc::new(|_| {
+            Ok(Box::new(Slow(Duration::from_millis(300), Arc::new(AtomicUsize::new(0)))) as Box<dyn InferenceBackend>)
+        });
+        let (res_tx, mut results) = mpsc::unbounded_channel();
+        let pool = Arc::new(WorkerPool::start(1, factory, 0, res_tx).unwrap());
+        let (tx, rx) = mpsc::channel(16);
+        let held = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(run_batcher(rx, pool.clone(), cfg, held.clone()));
+        // The first image goes to the idle worker at once; the second waits in the open batch
+        // while the worker is busy, out of the channel but not yet dispatched.
+        tx.send(Pending { image: img(8), item: 0 }).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.loads() != [1] && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx.send(Pending { image: img(8), item: 1 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(tx.max_capacity() - tx.capacity(), 0, "the channel is drained");
+        assert_eq!(held.load(Ordering::SeqCst), 1, "the open batch holds the second image");
+        drop(tx);
+        let stats = task.await.unwrap().unwrap();
+        assert_eq!(stats.images, 2);
+        assert_eq!(held.load(Ordering::SeqCst), 0, "everything was dispatched");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(results.recv().await.unwrap().items);
+        }
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1]);
     }
 }

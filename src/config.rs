@@ -286,6 +286,11 @@ pub struct TelemetryConfig {
     pub listen: String,
     /// `service.name` of exported traces and metrics (`OTEL_SERVICE_NAME` takes precedence).
     pub service_name: String,
+    /// `/healthz` fails when messages are in flight and none has completed for this long (a
+    /// hung inference worker or database call). Must exceed the slowest batch and the
+    /// PostgreSQL sink's worst retry time.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for TelemetryConfig {
@@ -293,6 +298,7 @@ impl Default for TelemetryConfig {
         Self {
             listen: "0.0.0.0:9464".into(),
             service_name: "attrstream".into(),
+            stall_timeout: crate::telemetry::health::DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -316,6 +322,9 @@ impl TelemetryConfig {
         self.listen_addr()?;
         if self.service_name.trim().is_empty() {
             bail!("telemetry.service_name must not be empty (e.g. \"attrstream\")");
+        }
+        if self.stall_timeout.is_zero() {
+            bail!("telemetry.stall_timeout must be longer than 0 (e.g. \"5m\")");
         }
         Ok(())
     }
@@ -490,6 +499,7 @@ impl Config {
         self.validate_serve_schemas()?;
         self.telemetry.validate()?;
         self.database.validate()?;
+        self.validate_stall_timeout()?;
         self.validate_registry_credentials()
     }
 
@@ -502,6 +512,26 @@ impl Config {
         s.output_schema_id = s.output_schema_id.or(Some(0));
         s.dead_letter_schema_id = s.dead_letter_schema_id.or(Some(0));
         relaxed.validate()
+    }
+
+    /// With the PostgreSQL sink on, `telemetry.stall_timeout` must outlast its retries, or a
+    /// database that recovers slowly would get healthy pods restarted.
+    fn validate_stall_timeout(&self) -> Result<()> {
+        if !self.database.enabled() {
+            return Ok(());
+        }
+        let worst = self.database.worst_retry_time();
+        if self.telemetry.stall_timeout <= worst {
+            bail!(
+                "telemetry.stall_timeout ({:?}) must be longer than the PostgreSQL sink's worst retry time \
+                 (about {:?} with database.retries = {} and database.connect_timeout = {:?}): raise it, or lower those",
+                self.telemetry.stall_timeout,
+                worst,
+                self.database.retries,
+                self.database.connect_timeout
+            );
+        }
+        Ok(())
     }
 
     /// Without a schema registry, the ids of the serve topics' schemas must be configured.
@@ -632,6 +662,32 @@ mod tests {
             jail.set_env("ATTRSTREAM_KAFKA__OPTIONS__ENABLE_AUTO_OFFSET_STORE", "true");
             let err = Config::load(None, &fixed_ids()).unwrap_err().to_string();
             assert!(err.contains("enable.auto.offset.store"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+    fn stall_timeout_is_positive_and_outlasts_database_retries() {
+        figment::Jail::expect_with(|_| {
+            let with = |extra: &[(&str, &str)]| {
+                let mut sets = fixed_ids();
+                sets.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+                Config::load(None, &sets)
+            };
+            let err = with(&[("telemetry.stall_timeout", "\"0s\"")]).unwrap_err().to_string();
+            assert!(err.contains("telemetry.stall_timeout"), "{err}");
+            let db = ("database.url", "\"postgres://writer@db:5432/attrs\"");
+            let loaded = with(&[db]).unwrap();
+            assert!(loaded.telemetry.stall_timeout > loaded.database.worst_retry_time());
+            let err = with(&[db, ("telemetry.stall_timeout", "\"30s\"")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("telemetry.stall_timeout") && err.contains("database.retries"),
+                "{err}"
+            );
+            with(&[db, ("telemetry.stall_timeout", "\"30s\""), ("database.retries", "0")]).unwrap();
             Ok(())
         });
     }

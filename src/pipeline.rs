@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -242,6 +242,7 @@ pub async fn run_with_telemetry(
     if let Some(model) = pool.model() {
         telemetry.health().model_ready(model);
     }
+    telemetry.health().set_stall_timeout(config.telemetry.stall_timeout);
     let swapper = inference
         .updates
         .map(|updates| tokio::spawn(apply_model_updates(pool.clone(), updates, telemetry.health().clone())));
@@ -283,20 +284,23 @@ pub async fn run_with_telemetry(
     });
 
     let (batch_tx, batch_rx) = mpsc::channel::<Pending<Job>>(config.batch.max_batch_size * pool.len() * 2);
+    // Images the batcher has taken from its channel and not yet handed to a worker.
+    let batcher_holds = Arc::new(AtomicUsize::new(0));
     // Gauges read these only when collected; weak references let the stages wind down.
     let batch_queue = batch_tx.downgrade();
+    let held = batcher_holds.clone();
     let workers = Arc::downgrade(&pool);
     let _queue_gauges = [
         telemetry.metrics().watch_queue("batcher", move || {
             batch_queue
                 .upgrade()
-                .map(|tx| (tx.max_capacity() - tx.capacity()) as i64)
+                .map(|tx| (tx.max_capacity() - tx.capacity() + held.load(Ordering::Relaxed)) as i64)
         }),
         telemetry.metrics().watch_queue("workers", move || {
             workers.upgrade().map(|p| p.loads().iter().sum::<usize>() as i64)
         }),
     ];
-    let batcher = tokio::spawn(run_batcher(batch_rx, pool.clone(), config.batch.clone()));
+    let batcher = tokio::spawn(run_batcher(batch_rx, pool.clone(), config.batch.clone(), batcher_holds));
     let finisher = tokio::spawn(finish_results(ctx.clone(), results_rx));
 
     tokio::pin!(shutdown);
@@ -544,8 +548,8 @@ async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, mo
         .deliver_attributes(msg.position, &record, &msg.trace.output_headers(&msg.headers))
         .await
     {
-        ctx.produced.fetch_add(1, Ordering::Relaxed);
-        record_produced(ctx, &msg, produce_started);
+        record_produced(ctx);
+        record_produce_stage(ctx, &msg.trace, produce_started, Instant::now());
         finish_event(ctx, msg.received, &msg.trace);
     }
 }
@@ -555,31 +559,37 @@ async fn emit(ctx: &Shared, job: Job, image: RgbImage, dets: ImageDetections, mo
 /// hold back the output record (the topic is the primary contract); the event is then
 /// dead-lettered as `database_write_failed`, whose acknowledgement completes it, so the row
 /// can be replayed and the offset still moves.
+///
+/// The produce stage is recorded once per event, from the start to the acknowledgement that
+/// completes it: the output record's, or the dead letter's when the row failed (the database
+/// has its own stage).
 async fn deliver_with_row(ctx: &Shared, database: &PostgresSink, msg: InputMessage, record: ProductAttributes) {
     let started = Instant::now();
-    let headers = msg.trace.output_headers(&msg.headers).into_owned();
-    let produce = async {
-        let produced = ctx.sink.produce_attributes(msg.position, &record, &headers).await;
-        (produced, Instant::now())
+    let ((produced, produce_done), (written, database_done)) = {
+        // The headers borrow `msg`; this scope ends the borrow before `msg` moves on.
+        let headers = msg.trace.output_headers(&msg.headers);
+        let produce = async {
+            let produced = ctx.sink.produce_attributes(msg.position, &record, &headers).await;
+            (produced, Instant::now())
+        };
+        let write = async { (database.upsert(&record).await, Instant::now()) };
+        tokio::join!(produce, write)
     };
-    let write = async { (database.upsert(&record).await, Instant::now()) };
-    let ((produced, produce_done), (written, database_done)) = tokio::join!(produce, write);
     record_database(ctx, &msg, &written, started, database_done);
     if !produced {
         return; // fatal: the service stops without completing; the message is redelivered
     }
-    ctx.produced.fetch_add(1, Ordering::Relaxed);
-    ctx.telemetry.metrics().record_produced();
-    ctx.telemetry.metrics().stage(Stage::Produce, produce_done - started);
-    msg.trace.stage(Stage::Produce, started, produce_done);
+    record_produced(ctx);
     match written {
         Ok(_) => {
             ctx.sink.complete(msg.position);
+            record_produce_stage(ctx, &msg.trace, started, produce_done);
             finish_event(ctx, msg.received, &msg.trace);
         }
         Err(e) => {
             let ids = Some((record.event_id, record.product_id));
-            dead_letter_with_ids(ctx, msg, ids, error_kinds::DATABASE_WRITE_FAILED, &e.to_string()).await
+            let reason = error_kinds::DATABASE_WRITE_FAILED;
+            dead_letter_since(ctx, msg, ids, reason, &e.to_string(), started).await
         }
     }
 }
@@ -602,18 +612,26 @@ fn record_database(
     });
 }
 
-async fn dead_letter(ctx: &Shared, msg: InputMessage, event: Option<&ProductImageEvent>, kind: &str, message: &str) {
+async fn dead_letter(
+    ctx: &Shared,
+    msg: InputMessage,
+    event: Option<&ProductImageEvent>,
+    kind: &'static str,
+    message: &str,
+) {
     let ids = event.map(|e| (e.event_id.clone(), e.product_id.clone()));
-    dead_letter_with_ids(ctx, msg, ids, kind, message).await
+    dead_letter_since(ctx, msg, ids, kind, message, Instant::now()).await
 }
 
-/// [`dead_letter`] with the (event id, product id) given directly.
-async fn dead_letter_with_ids(
+/// [`dead_letter`] with the (event id, product id) given directly, its produce stage counted
+/// from `produce_started` (earlier than now when an output record was produced first).
+async fn dead_letter_since(
     ctx: &Shared,
     msg: InputMessage,
     ids: Option<(String, String)>,
-    kind: &str,
+    kind: &'static str,
     message: &str,
+    produce_started: Instant,
 ) {
     let (event_id, product_id) = ids.unzip();
     let letter = DeadLetter {
@@ -629,7 +647,6 @@ async fn dead_letter_with_ids(
         failed_time_ms: now_ms(),
     };
     msg.trace.fail(kind, message);
-    let produce_started = Instant::now();
     if !ctx
         .sink
         .deliver_dead_letter(msg.position, &letter, &msg.trace.trace_headers(&msg.headers))
@@ -642,11 +659,8 @@ async fn dead_letter_with_ids(
         .unwrap_or_else(|e| e.into_inner())
         .entry(kind.to_string())
         .or_default() += 1;
-    let produced = Instant::now();
-    let metrics = ctx.telemetry.metrics();
-    metrics.dead_letter(kind);
-    metrics.stage(Stage::Produce, produced - produce_started);
-    msg.trace.stage(Stage::Produce, produce_started, produced);
+    ctx.telemetry.metrics().dead_letter(kind);
+    record_produce_stage(ctx, &msg.trace, produce_started, Instant::now());
     finish_event(ctx, msg.received, &msg.trace);
 }
 
@@ -684,10 +698,19 @@ fn record_batch_stages(
     });
 }
 
-/// An attribute record of `msg` was acknowledged after producing from `started`.
-fn record_produced(ctx: &Shared, msg: &InputMessage, started: Instant) {
+/// An attribute record was acknowledged: the run report's count and the counter.
+fn record_produced(ctx: &Shared) {
+    ctx.produced.fetch_add(1, Ordering::Relaxed);
     ctx.telemetry.metrics().record_produced();
-    record_stage(ctx, msg, Stage::Produce, started);
+}
+
+/// The produce stage of an event (histogram and its `trace`'s span), once per event: from `started` until the
+/// acknowledgement that completes it (`finished`).
+fn record_produce_stage(ctx: &Shared, trace: &EventTrace, started: Instant, finished: Instant) {
+    ctx.telemetry
+        .metrics()
+        .stage(Stage::Produce, finished.saturating_duration_since(started));
+    trace.stage(Stage::Produce, started, finished);
 }
 
 /// An event received at `received` is complete (its output or dead letter acknowledged):

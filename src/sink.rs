@@ -6,7 +6,7 @@
 //!
 //! [`postgres`] is the optional second destination of attribute records; with it on, the
 //! pipeline produces with [`OutputSink::produce_attributes`] and completes the message itself
-//! ([`OutputSink::complete`]) once the row is written too.
+//! (`OutputSink::complete`, crate-internal) once the row is written too.
 
 pub mod postgres;
 
@@ -97,12 +97,16 @@ impl OutputSink {
         record: &ProductAttributes,
         headers: &[(String, Vec<u8>)],
     ) -> bool {
-        self.produce_attributes(position, record, headers).await && self.complete(position)
+        let delivered = self.produce_attributes(position, record, headers).await;
+        if delivered {
+            self.complete(position);
+        }
+        delivered
     }
 
     /// Produces an attribute record like [`OutputSink::deliver_attributes`] but does not
     /// complete `position`: for a caller that must also wait for another write (the database)
-    /// and then calls [`OutputSink::complete`] or delivers a dead letter. False if it could
+    /// and then calls `OutputSink::complete` or delivers a dead letter. False if it could
     /// not be delivered (the service is then stopping).
     pub async fn produce_attributes(
         &self,
@@ -116,12 +120,10 @@ impl OutputSink {
             .await
     }
 
-    /// Reports `position` finished to the offset tracker (exactly once per message). Always
-    /// true: the consumer thread may be gone after a shutdown deadline, and then there is
-    /// nothing to do.
-    pub fn complete(&self, position: MessagePosition) -> bool {
+    /// Reports `position` finished to the offset tracker (exactly once per message). The
+    /// consumer thread may be gone after a shutdown deadline; then there is nothing to do.
+    pub(crate) fn complete(&self, position: MessagePosition) {
         let _ = self.completions.send(position);
-        true
     }
 
     /// Produces a dead letter (original key kept, with `headers`: the event's trace context)
@@ -142,7 +144,11 @@ impl OutputSink {
         let payload = frame(self.settings.dead_letter_schema_id, &encode_dead_letter(letter));
         let topic = self.settings.dead_letter_topic.clone();
         let key = letter.original_key.clone();
-        self.send(position, &topic, key.as_deref(), &payload, headers).await && self.complete(position)
+        let delivered = self.send(position, &topic, key.as_deref(), &payload, headers).await;
+        if delivered {
+            self.complete(position);
+        }
+        delivered
     }
 
     /// Produces one record with retries; false after a fatal failure (announced on `fatal`).

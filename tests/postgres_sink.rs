@@ -472,6 +472,9 @@ fn a_database_that_refuses_writes_dead_letters_after_retries_and_the_stream_cont
         "attrstream_database_writes_total{outcome=\"failed\"} 5",
         "attrstream_dead_letters_total{reason=\"database_write_failed\"} 5",
         "attrstream_stage_duration_seconds_count{stage=\"database\"} 9",
+        // Once per event, dead-lettered or not.
+        "attrstream_stage_duration_seconds_count{stage=\"produce\"} 9",
+        "attrstream_stage_duration_seconds_count{stage=\"total\"} 9",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
@@ -592,14 +595,15 @@ fn migrations_apply_once_under_concurrent_starts_and_are_checked() {
         MIGRATIONS.len() as i64
     );
 
-    // Without run_migrations the table must exist.
+    // Without run_migrations the table must exist; waiting does not create it, so no retries.
+    let quick = Duration::from_secs(3);
     let unmigrated = DatabaseConfig {
         run_migrations: false,
-        retries: 0,
         ..database(&pg, "bare")
     };
-    let err = format!("{:#}", rt.block_on(PostgresSink::start(&unmigrated)).err().unwrap());
+    let (err, took) = start_error(&rt, unmigrated);
     assert!(err.contains("run_migrations"), "{err}");
+    assert!(took < quick, "a missing table is not retried ({took:?}): {err}");
     let migrated = DatabaseConfig {
         run_migrations: false,
         ..cfg.clone()
@@ -608,9 +612,18 @@ fn migrations_apply_once_under_concurrent_starts_and_are_checked() {
 
     // An applied migration that no longer matches the shipped file is refused.
     admin.execute("UPDATE attrstream_schema_migrations SET checksum = 'edited' WHERE version = 1");
-    let no_retries = DatabaseConfig { retries: 0, ..cfg };
-    let err = format!("{:#}", rt.block_on(PostgresSink::start(&no_retries)).err().unwrap());
+    let (err, took) = start_error(&rt, cfg.clone());
     assert!(err.contains("edited after it was applied"), "{err}");
+    assert!(took < quick, "an edited migration is not retried ({took:?}): {err}");
+
+    // A database user that may not CREATE in the schema: refused at once, saying so.
+    pg.admin("postgres").execute("CREATE DATABASE locked_schema");
+    pg.admin("locked_schema")
+        .execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC");
+    let (err, took) = start_error(&rt, database(&pg, "locked_schema"));
+    assert!(err.contains("permission denied") && err.contains("CREATE"), "{err}");
+    assert!(took < quick, "a missing privilege is not retried ({took:?}): {err}");
+    let no_retries = DatabaseConfig { retries: 0, ..cfg };
 
     // A wrong password: the error says what to check and does not show it.
     let wrong = DatabaseConfig {

@@ -85,16 +85,24 @@ struct SharedState {
     topic: String,
     drain_timeout: Duration,
     paused: bool,
+    /// Completions received so far (what `/healthz` watches for progress).
+    completed: u64,
 }
 
 impl SharedState {
+    /// Applies one completion; adds the partition's new position to `moved` if it moved.
+    fn apply(&mut self, pos: MessagePosition, moved: &mut Vec<(i32, i64)>) {
+        self.completed += 1;
+        if let Some(next) = self.tracker.complete(pos) {
+            moved.push((pos.partition, next));
+        }
+    }
+
     /// Applies every completion that has arrived; returns the positions that moved.
     fn apply_completions(&mut self) -> Vec<(i32, i64)> {
         let mut moved = Vec::new();
         while let Ok(pos) = self.completions.try_recv() {
-            if let Some(next) = self.tracker.complete(pos) {
-                moved.push((pos.partition, next));
-            }
+            self.apply(pos, &mut moved);
         }
         moved
     }
@@ -103,9 +111,7 @@ impl SharedState {
     fn wait_for_completion(&mut self, timeout: Duration) -> Vec<(i32, i64)> {
         let mut moved = Vec::new();
         if let Ok(pos) = self.completions.recv_timeout(timeout) {
-            if let Some(next) = self.tracker.complete(pos) {
-                moved.push((pos.partition, next));
-            }
+            self.apply(pos, &mut moved);
         }
         moved.extend(self.apply_completions());
         moved
@@ -120,11 +126,7 @@ impl SharedState {
                 break;
             }
             match self.completions.recv_timeout(deadline - now) {
-                Ok(pos) => {
-                    if let Some(next) = self.tracker.complete(pos) {
-                        moved.push((pos.partition, next));
-                    }
-                }
+                Ok(pos) => self.apply(pos, &mut moved),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -257,6 +259,12 @@ impl ConsumerHandle {
 }
 
 /// Creates the consumer, subscribes, and starts the poll loop on its own thread.
+/// Messages unfinished and completions applied so far, for [`Health::heartbeat`].
+fn in_flight_and_completed(state: &Mutex<SharedState>) -> (usize, u64) {
+    let s = state.lock().unwrap_or_else(|e| e.into_inner());
+    (s.tracker.in_flight(), s.completed)
+}
+
 /// Messages go to `output`; their completions come back through the returned sender.
 pub fn spawn_consumer(
     settings: ConsumerSettings,
@@ -269,6 +277,7 @@ pub fn spawn_consumer(
         topic: settings.topic.clone(),
         drain_timeout: settings.drain_timeout,
         paused: false,
+        completed: 0,
     }));
     let mut config = ClientConfig::new();
     for (k, v) in &settings.properties {
@@ -321,8 +330,8 @@ fn poll_loop(
     while !shutdown.load(Ordering::SeqCst) {
         let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
-        let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
-        health.heartbeat(in_flight);
+        let (in_flight, completed) = in_flight_and_completed(&state);
+        health.heartbeat(in_flight, completed);
         report.peak_in_flight = report.peak_in_flight.max(in_flight);
         if in_flight >= settings.max_in_flight {
             let since = *stalled_since.get_or_insert_with(Instant::now);
@@ -384,8 +393,8 @@ fn poll_loop(
     loop {
         let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
-        let in_flight = state.lock().unwrap_or_else(|e| e.into_inner()).tracker.in_flight();
-        health.heartbeat(in_flight);
+        let (in_flight, completed) = in_flight_and_completed(&state);
+        health.heartbeat(in_flight, completed);
         if in_flight == 0 {
             break;
         }

@@ -10,6 +10,11 @@
 //!   in-flight work of revoked partitions finishes; that counts as alive for that long. Before
 //!   the consumer starts (models loading) the process counts as alive: a slow model load must
 //!   not get the pod restarted.
+//! * Progress: the poll loop keeps going round while it waits for completions, so a hung
+//!   inference worker or a database call that never returns would not show in its heartbeat.
+//!   While messages are in flight, some completion must arrive within the stall timeout
+//!   (`telemetry.stall_timeout`, counted from the last completion or from when work arrived
+//!   after an idle spell); else `/healthz` fails too.
 //! * Readiness: every worker has loaded and warmed its model, and the consumer has at least one
 //!   partition assigned; not while shutting down.
 
@@ -22,6 +27,10 @@ use crate::events::ModelRef;
 
 /// How long the poll loop may go without a round before `/healthz` answers 503.
 pub const LIVENESS_STALL: Duration = Duration::from_secs(10);
+
+/// How long messages may be in flight without any completing before `/healthz` answers 503,
+/// unless [`Health::set_stall_timeout`] says otherwise (`telemetry.stall_timeout`).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 const NOT_STARTED: u8 = 0;
 const RUNNING: u8 = 1;
@@ -46,6 +55,13 @@ pub struct Health {
     draining: AtomicBool,
     /// Messages consumed and not yet acknowledged, as the poll loop last counted them.
     in_flight: AtomicU64,
+    /// Completions the poll loop has applied so far, as it last reported them.
+    completed: AtomicU64,
+    /// Milliseconds since `epoch` of the last sign of progress: a completion applied, or work
+    /// arriving when nothing was in flight.
+    progress_ms: AtomicU64,
+    /// How long in-flight work may go without a completion, in milliseconds.
+    stall_timeout_ms: AtomicU64,
     /// Partitions assigned to this member: (topic, partition).
     assigned: Mutex<BTreeSet<(String, i32)>>,
     /// Consumer lag per assigned partition, from librdkafka's statistics.
@@ -72,6 +88,9 @@ impl Health {
             workers_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
+            stall_timeout_ms: AtomicU64::new(DEFAULT_STALL_TIMEOUT.as_millis() as u64),
             assigned: Mutex::new(BTreeSet::new()),
             lag: Mutex::new(BTreeMap::new()),
             model: Mutex::new(None),
@@ -87,14 +106,29 @@ impl Health {
     pub fn consumer_started(&self, drain_timeout: Duration) {
         self.rebalance_allowance_ms
             .store(drain_timeout.as_millis() as u64, Ordering::Relaxed);
-        self.last_round_ms.store(self.now_ms(), Ordering::Relaxed);
+        let now = self.now_ms();
+        self.last_round_ms.store(now, Ordering::Relaxed);
+        self.progress_ms.store(now, Ordering::Relaxed);
         self.consumer.store(RUNNING, Ordering::Relaxed);
     }
 
-    /// One round of the poll loop (called every iteration; one atomic store).
-    pub fn heartbeat(&self, in_flight: usize) {
-        self.last_round_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.in_flight.store(in_flight as u64, Ordering::Relaxed);
+    /// How long messages may be in flight with none completing before `/healthz` fails
+    /// (`telemetry.stall_timeout`); [`DEFAULT_STALL_TIMEOUT`] until set.
+    pub fn set_stall_timeout(&self, limit: Duration) {
+        self.stall_timeout_ms
+            .store(limit.as_millis().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// One round of the poll loop (called every iteration; a few atomic operations):
+    /// `in_flight` messages unfinished, `completed` completions applied since the start.
+    pub fn heartbeat(&self, in_flight: usize, completed: u64) {
+        let now = self.now_ms();
+        self.last_round_ms.store(now, Ordering::Relaxed);
+        let was_idle = self.in_flight.swap(in_flight as u64, Ordering::Relaxed) == 0;
+        let progressed = self.completed.swap(completed, Ordering::Relaxed) != completed;
+        if progressed || (was_idle && in_flight > 0) {
+            self.progress_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     /// The poll loop has returned (after a shutdown or a fatal error).
@@ -156,6 +190,16 @@ impl Health {
         }
     }
 
+    /// Sets one partition's lag directly (tests that render the gauge; librdkafka statistics
+    /// are too large to build by hand).
+    #[cfg(test)]
+    pub(crate) fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((topic.to_string(), partition), lag);
+    }
+
     /// Every worker has loaded and warmed `model` (at start and after each hot swap).
     pub fn model_ready(&self, model: ModelRef) {
         *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model);
@@ -195,6 +239,7 @@ impl Health {
             STOPPED => Err("the consumer loop has stopped".into()),
             _ => {
                 let now = self.now_ms();
+                self.progress(now)?;
                 let idle = Duration::from_millis(now.saturating_sub(self.last_round_ms.load(Ordering::Relaxed)));
                 if idle <= LIVENESS_STALL {
                     return Ok(());
@@ -210,6 +255,26 @@ impl Health {
                 ))
             }
         }
+    }
+
+    /// `Err` when messages are in flight and none has completed for longer than the stall
+    /// timeout: a hung inference worker or a database call that never returns.
+    fn progress(&self, now: u64) -> Result<(), String> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        if in_flight == 0 {
+            return Ok(());
+        }
+        let since = Duration::from_millis(now.saturating_sub(self.progress_ms.load(Ordering::Relaxed)));
+        let limit = Duration::from_millis(self.stall_timeout_ms.load(Ordering::Relaxed));
+        if since <= limit {
+            return Ok(());
+        }
+        Err(format!(
+            "{in_flight} messages in flight and none completed for {:.1} s (telemetry.stall_timeout \
+             is {:.1} s): an inference worker, the broker or the database is not answering",
+            since.as_secs_f64(),
+            limit.as_secs_f64()
+        ))
     }
 
     /// `Ok` when the service can do its job; else the reason (for `/readyz`).
@@ -281,5 +346,44 @@ mod tests {
         assert!(h2.liveness().is_ok(), "a rebalance may block up to the drain deadline");
         h2.rebalance_finished();
         assert!(h2.liveness().is_ok());
+    }
+
+    #[test]
+    fn in_flight_work_with_no_completion_for_the_stall_timeout_is_not_alive() {
+        // A clock that started long ago, so "at its very beginning" is long past.
+        let h = Health {
+            epoch: Instant::now() - Duration::from_secs(600),
+            ..Health::new()
+        };
+        h.set_stall_timeout(Duration::from_secs(60));
+        h.consumer_started(Duration::from_secs(30));
+        let long_ago = || h.progress_ms.store(1, Ordering::Relaxed);
+        h.heartbeat(0, 0);
+        long_ago();
+        h.heartbeat(0, 0);
+        assert!(h.liveness().is_ok(), "idle with nothing in flight is fine");
+        h.heartbeat(3, 0);
+        assert!(h.liveness().is_ok(), "work that just arrived after an idle spell");
+        long_ago();
+        h.heartbeat(3, 0); // the loop still polls, but nothing completes
+        let err = h.liveness().unwrap_err();
+        assert!(
+            err.contains("3 messages in flight") && err.contains("telemetry.stall_timeout"),
+            "{err}"
+        );
+        h.heartbeat(3, 1);
+        assert!(h.liveness().is_ok(), "a completion is progress");
+        long_ago();
+        h.heartbeat(2, 1);
+        assert!(h.liveness().is_err(), "same completion count: no progress");
+        h.heartbeat(0, 3);
+        assert!(h.liveness().is_ok());
+        // A generous limit tolerates the same wait.
+        h.heartbeat(1, 3);
+        long_ago();
+        h.heartbeat(1, 3);
+        assert!(h.liveness().is_err());
+        h.set_stall_timeout(Duration::from_secs(3600));
+        assert!(h.liveness().is_ok());
     }
 }

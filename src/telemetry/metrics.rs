@@ -16,7 +16,7 @@
 //! | `attrstream_queue_depth{queue}`                   | observable gauge (batcher, workers)      |
 //! | `attrstream_consumer_lag{topic,partition}`        | observable gauge                         |
 //! | `attrstream_model_info{name,version}`             | observable gauge, 1 for the serving model|
-//! | `attrstream_device_memory_bytes{device}`          | observable gauge (CUDA, NVML)            |
+//! | `attrstream_device_memory_bytes{device}`          | observable gauge `attrstream_device_memory` (By), CUDA via NVML |
 //! | `attrstream_database_writes_total{outcome}`       | counter `attrstream_database_writes`     |
 //!
 //! Recording costs an atomic add or a bucket update under a short lock, with attribute sets
@@ -256,7 +256,8 @@ impl Metrics {
         let d = devices.clone();
         gauges.push(
             meter
-                .i64_observable_gauge("attrstream_device_memory_bytes")
+                // The exporter appends `_bytes` for the unit "By".
+                .i64_observable_gauge("attrstream_device_memory")
                 .with_description("Memory in use on each CUDA device the workers use (whole device, all processes)")
                 .with_unit("By")
                 .with_callback(move |o| {
@@ -318,9 +319,10 @@ impl Metrics {
         self.records_produced.add(1, &[]);
     }
 
-    /// A dead letter with error kind `reason` was acknowledged.
-    pub fn dead_letter(&self, reason: &str) {
-        self.dead_letters.add(1, &[KeyValue::new("reason", reason.to_string())]);
+    /// A dead letter with error kind `reason` (one of [`crate::events::error_kinds`]) was
+    /// acknowledged; `'static` so that recording allocates nothing.
+    pub fn dead_letter(&self, reason: &'static str) {
+        self.dead_letters.add(1, &[KeyValue::new("reason", reason)]);
     }
 
     /// One event spent `duration` in `stage`.

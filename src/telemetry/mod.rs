@@ -369,4 +369,94 @@ mod tests {
             .prometheus_text()
             .contains("attrstream_events_consumed_total 2"));
     }
+
+    /// Metric families in Prometheus text with their types: `# TYPE name type` lines.
+    fn families(text: &str) -> std::collections::BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, kind)| (name.to_string(), kind.to_string()))
+            .filter(|(name, _)| name != "target_info")
+            .collect()
+    }
+
+    #[test]
+    fn device_memory_renders_once_suffixed_with_bytes() {
+        let t = Telemetry::local().unwrap();
+        let _g = t.metrics().watch_device_memory("cuda:0", || Some(1));
+        let text = t.prometheus_text();
+        assert!(
+            text.contains("attrstream_device_memory_bytes{device=\"cuda:0\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("_bytes_bytes"), "{text}");
+    }
+
+    #[test]
+    fn every_metric_renders_under_the_name_and_type_the_readme_lists() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = readme
+            .split("\n## Telemetry\n")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Telemetry section");
+        // The serve metrics table: | `name{labels}` | type | meaning |.
+        let mut documented = std::collections::BTreeMap::new();
+        for row in section.lines().filter(|l| l.starts_with("| `attrstream_")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`').split('{').next().unwrap().to_string();
+            documented.insert(name, cells[2].to_string());
+        }
+        assert_eq!(documented.len(), 12, "{documented:?}");
+        // The training metrics are named in the paragraph below the table.
+        let train: std::collections::BTreeSet<String> = section
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("attrstream_train_"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(train.len(), 7, "{train:?}");
+
+        let t = Telemetry::local().unwrap();
+        let m = t.metrics();
+        m.event_consumed();
+        m.record_produced();
+        m.dead_letter("corrupt_image");
+        m.stage(Stage::Total, std::time::Duration::from_millis(3));
+        m.batch(2, 8);
+        m.database_write(DatabaseOutcome::Ok);
+        t.health().model_ready(crate::events::ModelRef {
+            name: "m".into(),
+            version: "1".into(),
+        });
+        t.health().set_lag("in", 0, 5);
+        let _q = m.watch_queue("batcher", || Some(0));
+        let _d = m.watch_device_memory("cuda:0", || Some(1 << 20));
+        let text = t.prometheus_text();
+        let rendered = families(&text);
+        let serve: std::collections::BTreeMap<String, String> = rendered
+            .iter()
+            .filter(|(name, _)| !name.starts_with("attrstream_train_"))
+            .map(|(n, k)| (n.clone(), k.clone()))
+            .collect();
+        assert_eq!(serve, documented, "README \"Telemetry\" table vs /metrics:\n{text}");
+
+        t.train_metrics().step(
+            &crate::train::trainer::StepStats {
+                step: 0,
+                classifier: 0.5,
+                box_reg: 0.25,
+                objectness: 0.125,
+                rpn_box_reg: 0.125,
+                lr: 0.01,
+                grad_norm: 3.0,
+                images_per_sec: 2.0,
+            },
+            2,
+        );
+        let trained: std::collections::BTreeSet<String> = families(&t.prometheus_text())
+            .into_keys()
+            .filter(|name| name.starts_with("attrstream_train_"))
+            .collect();
+        assert_eq!(trained, train, "README's training metrics vs what is rendered");
+    }
 }

@@ -79,6 +79,17 @@ impl DatabaseConfig {
         self.url.as_deref().is_some_and(|u| !u.trim().is_empty())
     }
 
+    /// How long one upsert may take to fail for good when the database does not answer: per
+    /// attempt, waiting for a pooled connection and opening one (each up to
+    /// `connect_timeout`), and between attempts the write backoff (at most 5 s, up to twice
+    /// that with jitter). Statement time is not bounded here (set `statement_timeout` in the
+    /// URL's `options` to bound it). `telemetry.stall_timeout` must exceed this.
+    pub fn worst_retry_time(&self) -> Duration {
+        let attempts = self.retries.saturating_add(1);
+        self.connect_timeout.saturating_mul(2).saturating_mul(attempts)
+            + Duration::from_secs(10).saturating_mul(self.retries)
+    }
+
     /// Checks what serde cannot; errors name the `database.*` key and what to put there.
     /// A disabled sink is not checked beyond its numbers.
     pub fn validate(&self) -> Result<()> {

@@ -3,7 +3,7 @@
 //! together apply each migration once, and recorded in `attrstream_schema_migrations` with a
 //! checksum so an edited migration is noticed instead of silently skipped.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
@@ -34,6 +34,12 @@ pub const MIGRATIONS_TABLE: &str = "attrstream_schema_migrations";
 /// The `pg_advisory_xact_lock` key that serialises migrations across replicas
 /// (the bytes of "attrstrm" as a big-endian integer).
 pub const MIGRATION_LOCK_KEY: i64 = i64::from_be_bytes(*b"attrstrm");
+
+/// A schema the sink cannot use and that waiting does not fix (an edited migration, a
+/// missing table with `run_migrations = false`): start-up stops at once instead of retrying.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SchemaRefused(pub String);
 
 /// A migration's checksum as recorded: hex SHA-256 of its SQL.
 pub fn checksum(sql: &str) -> String {
@@ -72,13 +78,13 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
             Some(row) => {
                 let found: String = row.get(1);
                 if found != expected {
-                    bail!(
+                    return Err(SchemaRefused(format!(
                         "migration {:04}_{} was applied with checksum {found} but the shipped file has \
                          {expected}: a migration was edited after it was applied; restore it and ship \
                          the change as a new migration",
-                        m.version,
-                        m.name
-                    );
+                        m.version, m.name
+                    ))
+                    .into());
                 }
             }
             None => {
@@ -106,10 +112,11 @@ pub async fn check_schema(client: &Client) -> Result<()> {
         .await
         .context("checking for the product_attributes table")?;
     if !row.get::<_, bool>(0) {
-        bail!(
+        return Err(SchemaRefused(format!(
             "table {TABLE} does not exist and database.run_migrations is false: set it to true \
              (attrstream applies schemas/postgres/*.sql under a lock) or apply those files by hand"
-        );
+        ))
+        .into());
     }
     Ok(())
 }

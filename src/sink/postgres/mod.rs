@@ -8,9 +8,11 @@
 //! ```
 //!
 //! The pipeline completes a message only when both its output record is acknowledged and its
-//! row is written, or, when the write failed after `database.retries`, once a dead letter
-//! with reason `database_write_failed` is acknowledged: an event is never lost to the
-//! database and offsets never move past an unwritten row.
+//! row is written, or, when the write failed after `database.retries` (or was refused), once
+//! a dead letter with reason `database_write_failed` is acknowledged. Offsets may then move
+//! past a row that was not written, but never past one that is neither written nor in the
+//! dead-letter topic (which holds the original event, so the row can be replayed from it):
+//! an event is never silently lost to the database.
 //!
 //! Redelivery is harmless: a row is replaced only by a newer event (see
 //! [`write::UPSERT`]), so replaying a topic from the start leaves the table as it was.
@@ -123,8 +125,9 @@ impl PostgresSink {
     /// Connects (over TLS as `sslmode` in `database.url` asks, see [`tls`]), applies the
     /// migrations (or checks the table exists when `run_migrations` is false) and starts the
     /// writer. Retries like a write does, so a database that starts together with the service is
-    /// waited for; then fails with what to check. A TLS mismatch or a rejected certificate
-    /// fails at once, since waiting does not fix it.
+    /// waited for; then fails with what to check. What waiting does not fix fails at once: a
+    /// TLS mismatch or a rejected certificate, an edited migration, a missing table with
+    /// `run_migrations = false`, a permission the database user lacks.
     pub async fn start(config: &DatabaseConfig) -> Result<Self> {
         let pg = config.postgres_config()?;
         let tls = config.tls()?;
@@ -151,7 +154,7 @@ impl PostgresSink {
         let applied = (|| prepare_schema(&pool, config.run_migrations))
             .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e: &anyhow::Error| e.downcast_ref::<tls::ConnectFailure>().is_none_or(|f| f.retry_may_help))
+            .when(start_may_retry)
             .notify(|e: &anyhow::Error, delay: Duration| {
                 tracing::warn!(url = %url, error = %format!("{e:#}"), ?delay, "PostgreSQL not ready; retrying");
             })
@@ -206,6 +209,22 @@ impl PostgresSink {
     pub fn stats(&self) -> Arc<DatabaseStats> {
         self.stats.clone()
     }
+}
+
+/// Whether starting again could get past `e`: false for a refused TLS setup or certificate
+/// ([`tls::ConnectFailure`]), a schema the sink cannot use ([`migrate::SchemaRefused`]) and a
+/// privilege the database user lacks (SQLSTATE 42501, e.g. CREATE on the schema).
+fn start_may_retry(e: &anyhow::Error) -> bool {
+    !e.chain().any(|cause| {
+        cause
+            .downcast_ref::<tls::ConnectFailure>()
+            .is_some_and(|f| !f.retry_may_help)
+            || cause.is::<migrate::SchemaRefused>()
+            || cause
+                .downcast_ref::<tokio_postgres::Error>()
+                .and_then(tokio_postgres::Error::code)
+                .is_some_and(|code| *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    })
 }
 
 /// Connects once and brings the schema up to date (or checks it); returns the migrations applied.
