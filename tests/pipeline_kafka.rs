@@ -18,33 +18,12 @@ use attrstream::events::wire::{frame, unframe};
 use attrstream::events::{DeadLetter, ImageSource, ProductAttributes, ProductImageEvent};
 use attrstream::pipeline::{Inference, ModelUpdate};
 use common::kafka::*;
-use common::pipeline::Running;
-
-const IN: &str = "images";
-const OUT: &str = "attributes";
-const DLQ: &str = "dead-letters";
+use common::pipeline::{test_config, Running, DLQ, IN, OUT};
 
 fn config(brokers: &str, group: &str) -> Config {
-    let mut c = Config::default();
-    c.kafka.bootstrap_servers = brokers.to_string();
-    c.kafka.group_id = group.to_string();
-    c.kafka.input_topic = IN.into();
-    c.kafka.output_topic = OUT.into();
-    c.kafka.dead_letter_topic = DLQ.into();
-    c.kafka.commit_interval = Duration::from_millis(200);
-    c.kafka
-        .consumer_options
-        .insert("session.timeout.ms".into(), "6000".into());
-    c.kafka
-        .consumer_options
-        .insert("heartbeat.interval.ms".into(), "500".into());
-    c.schemas.input_schema_id = Some(1);
-    c.schemas.output_schema_id = Some(2);
-    c.schemas.dead_letter_schema_id = Some(3);
-    c.batch.max_wait = Duration::from_millis(5);
+    let mut c = test_config(brokers, group);
     c.fetch.timeout = Duration::from_millis(300);
     c.fetch.retries = 0;
-    c.pipeline.shutdown_deadline = Duration::from_secs(20);
     c.validate().unwrap();
     c
 }

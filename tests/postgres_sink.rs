@@ -33,12 +33,8 @@ use attrstream::sink::postgres::migrate::{checksum, MIGRATIONS};
 use attrstream::sink::postgres::{DatabaseConfig, PostgresSink, Written};
 use attrstream::telemetry::Telemetry;
 use common::kafka::*;
-use common::pipeline::Running;
+use common::pipeline::{test_config, Running, DLQ, IN, OUT};
 use common::postgres::{wait_until, TestCa, TestPostgres, WRITER_PASSWORD};
-
-const IN: &str = "images";
-const OUT: &str = "attributes";
-const DLQ: &str = "dead-letters";
 
 /// The sink's settings for database `db` of `pg`, connecting as the writer role with its
 /// password given apart from the URL (as from a Kubernetes Secret).
@@ -53,24 +49,7 @@ fn database(pg: &TestPostgres, db: &str) -> DatabaseConfig {
 }
 
 fn config(brokers: &str, group: &str, database: DatabaseConfig) -> Config {
-    let mut c = Config::default();
-    c.kafka.bootstrap_servers = brokers.to_string();
-    c.kafka.group_id = group.to_string();
-    c.kafka.input_topic = IN.into();
-    c.kafka.output_topic = OUT.into();
-    c.kafka.dead_letter_topic = DLQ.into();
-    c.kafka.commit_interval = Duration::from_millis(200);
-    c.kafka
-        .consumer_options
-        .insert("session.timeout.ms".into(), "6000".into());
-    c.kafka
-        .consumer_options
-        .insert("heartbeat.interval.ms".into(), "500".into());
-    c.schemas.input_schema_id = Some(1);
-    c.schemas.output_schema_id = Some(2);
-    c.schemas.dead_letter_schema_id = Some(3);
-    c.batch.max_wait = Duration::from_millis(5);
-    c.pipeline.shutdown_deadline = Duration::from_secs(20);
+    let mut c = test_config(brokers, group);
     c.database = database;
     c.validate().unwrap();
     c

@@ -34,7 +34,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use common::kafka::{fake_inference, png};
-use common::pipeline::Running;
+use common::pipeline::{test_config, Running, DLQ, IN, OUT};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -45,10 +45,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-
-const IN: &str = "images";
-const OUT: &str = "attributes";
-const DLQ: &str = "dead-letters";
 
 /// What the OTLP receiver got, decoded.
 #[derive(Default)]
@@ -223,26 +219,10 @@ impl Endpoints {
 }
 
 fn config(brokers: &str, group: &str) -> Config {
-    let mut c = Config::default();
-    c.kafka.bootstrap_servers = brokers.to_string();
-    c.kafka.group_id = group.to_string();
-    c.kafka.input_topic = IN.into();
-    c.kafka.output_topic = OUT.into();
-    c.kafka.dead_letter_topic = DLQ.into();
-    c.kafka.commit_interval = Duration::from_millis(200);
-    for (k, v) in [
-        ("session.timeout.ms", "6000"),
-        ("heartbeat.interval.ms", "500"),
-        ("statistics.interval.ms", "200"),
-        ("fetch.wait.max.ms", "10"),
-    ] {
+    let mut c = test_config(brokers, group);
+    for (k, v) in [("statistics.interval.ms", "200"), ("fetch.wait.max.ms", "10")] {
         c.kafka.consumer_options.insert(k.into(), v.into());
     }
-    c.schemas.input_schema_id = Some(1);
-    c.schemas.output_schema_id = Some(2);
-    c.schemas.dead_letter_schema_id = Some(3);
-    c.batch.max_wait = Duration::from_millis(5);
-    c.pipeline.shutdown_deadline = Duration::from_secs(20);
     c.telemetry.listen = String::new(); // the tests start the server themselves
     c.validate().unwrap();
     c

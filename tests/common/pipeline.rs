@@ -2,6 +2,8 @@
 //! like `serve` is (the shutdown future resolves, then it drains).
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use attrstream::config::Config;
 use attrstream::pipeline::{run_with_telemetry, Inference, RunReport};
 use attrstream::telemetry::Telemetry;
@@ -44,4 +46,33 @@ impl Running {
         let _ = self.shutdown.take().unwrap().send(());
         self.thread.join().expect("pipeline thread").expect("pipeline run")
     }
+}
+
+/// The input topic the pipeline tests use.
+pub const IN: &str = "images";
+/// The output topic the pipeline tests use.
+pub const OUT: &str = "attributes";
+/// The dead-letter topic the pipeline tests use.
+pub const DLQ: &str = "dead-letters";
+
+/// The settings the pipeline tests share: the mock cluster at `brokers`, group `group`, the
+/// [`IN`]/[`OUT`]/[`DLQ`] topics, fixed schema ids 1/2/3, quick commits, heartbeats and
+/// batching. Not validated: each test adds its own settings, then calls `validate()`.
+pub fn test_config(brokers: &str, group: &str) -> Config {
+    let mut c = Config::default();
+    c.kafka.bootstrap_servers = brokers.to_string();
+    c.kafka.group_id = group.to_string();
+    c.kafka.input_topic = IN.into();
+    c.kafka.output_topic = OUT.into();
+    c.kafka.dead_letter_topic = DLQ.into();
+    c.kafka.commit_interval = Duration::from_millis(200);
+    for (k, v) in [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "500")] {
+        c.kafka.consumer_options.insert(k.into(), v.into());
+    }
+    c.schemas.input_schema_id = Some(1);
+    c.schemas.output_schema_id = Some(2);
+    c.schemas.dead_letter_schema_id = Some(3);
+    c.batch.max_wait = Duration::from_millis(5);
+    c.pipeline.shutdown_deadline = Duration::from_secs(20);
+    c
 }
