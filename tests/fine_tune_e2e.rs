@@ -28,9 +28,10 @@ use attrstream::embedded_broker::EmbeddedBroker;
 use attrstream::events::codec::{decode_attributes, encode_event, product_attributes_schema};
 use attrstream::events::wire::{frame, unframe};
 use attrstream::events::{ImageSource, ProductAttributes, ProductImageEvent};
-use attrstream::pipeline::{run, RunReport};
+use attrstream::pipeline::run;
 use attrstream::serve::{detector_inference, follow_registry};
 use common::kafka::*;
+use common::pipeline::Running;
 use serde_json::Value;
 
 const LABELS: &str = "labelled-images";
@@ -75,39 +76,12 @@ fn serve_config(brokers: &str, registry: &Path, cache: &Path) -> Config {
 }
 
 /// The serve pipeline, following the registry, on its own thread.
-struct Serving {
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: std::thread::JoinHandle<anyhow::Result<RunReport>>,
-}
-
-impl Serving {
-    fn start(config: Config) -> Self {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (mut inference, model) = detector_inference(&config).expect("serve starts from the registry");
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                inference.updates = follow_registry(&config, &model).await?;
-                run(config, inference, async {
-                    let _ = rx.await;
-                })
-                .await
-            })
-        });
-        Self {
-            shutdown: Some(tx),
-            thread,
-        }
-    }
-
-    fn stop(mut self) -> RunReport {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.thread.join().expect("serve thread").expect("serve run")
-    }
+fn start_serving(config: Config) -> Running {
+    let (mut inference, model) = detector_inference(&config).expect("serve starts from the registry");
+    Running::spawn(move |shutdown| async move {
+        inference.updates = follow_registry(&config, &model).await?;
+        run(config, inference, shutdown).await
+    })
 }
 
 /// Product-image events for the synthetic images, inline.
@@ -232,7 +206,7 @@ fn fine_tuning_improves_the_model_and_serve_switches_to_it_without_losing_an_eve
     ]);
 
     // 3. Serving from the registry, with a trickle of events all along.
-    let serving = Serving::start(serve_config(&brokers, &registry, &dir.path().join("serve-cache")));
+    let serving = start_serving(serve_config(&brokers, &registry, &dir.path().join("serve-cache")));
     let stop_feeding = Arc::new(AtomicBool::new(false));
     let feeder = {
         let (brokers, data, stop) = (brokers.clone(), data.clone(), stop_feeding.clone());

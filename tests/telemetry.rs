@@ -33,7 +33,7 @@ use attrstream::telemetry::{OtlpSettings, Telemetry, TelemetrySettings};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use common::kafka::{fake_inference, png};
+use common::kafka::{fake_inference, png, read_topics, ReadRecord};
 use common::pipeline::{test_config, Running, DLQ, IN, OUT};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -42,8 +42,7 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::{status, Span};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 /// What the OTLP receiver got, decoded.
@@ -265,48 +264,21 @@ fn produce_with_headers(brokers: &str, topic: &str, records: &[Outgoing]) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-/// A record read back with its headers.
+/// A record read back, its key as text (the tests' keys are product ids).
 struct Read {
     topic: String,
     key: String,
     headers: HashMap<String, String>,
 }
 
-fn read_with_headers(brokers: &str, topics: &[&str], count: usize, timeout: Duration) -> Vec<Read> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(topics).expect("subscribe");
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    while out.len() < count && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|x| {
-                            (
-                                x.key.to_string(),
-                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Read {
-                topic: m.topic().to_string(),
-                key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                headers,
-            });
+impl From<ReadRecord> for Read {
+    fn from(r: ReadRecord) -> Self {
+        Self {
+            topic: r.topic,
+            key: String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned(),
+            headers: r.headers,
         }
     }
-    out
 }
 
 fn event(id: &str) -> ProductImageEvent {
@@ -378,7 +350,10 @@ fn events_are_traced_counted_and_exported() {
         status, 200,
         "ready once the model is warm and partitions are assigned: {reason}"
     );
-    let read = read_with_headers(&brokers, &[OUT, DLQ], records.len(), Duration::from_secs(60));
+    let read: Vec<Read> = read_topics(&brokers, &[OUT, DLQ], records.len(), Duration::from_secs(60))
+        .into_iter()
+        .map(Read::from)
+        .collect();
     assert_eq!(read.len(), records.len(), "one record per event");
     assert_eq!(endpoints.get("/healthz").0, 200, "alive while the consumer polls");
     // Lag comes from librdkafka's statistics (every 200 ms here): everything is consumed.

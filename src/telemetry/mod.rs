@@ -267,6 +267,20 @@ fn resource(service_name: &str) -> Resource {
 mod tests {
     use super::*;
 
+    /// One training step's figures, for the train metrics.
+    fn sample_step() -> crate::train::trainer::StepStats {
+        crate::train::trainer::StepStats {
+            step: 0,
+            classifier: 0.5,
+            box_reg: 0.25,
+            objectness: 0.125,
+            rpn_box_reg: 0.125,
+            lr: 0.01,
+            grad_norm: 3.0,
+            images_per_sec: 2.0,
+        }
+    }
+
     #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
     fn listen_errors_name_the_key() {
@@ -334,19 +348,7 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing `{expected}` in\n{text}");
         }
-        t.train_metrics().step(
-            &crate::train::trainer::StepStats {
-                step: 0,
-                classifier: 0.5,
-                box_reg: 0.25,
-                objectness: 0.125,
-                rpn_box_reg: 0.125,
-                lr: 0.01,
-                grad_norm: 3.0,
-                images_per_sec: 2.0,
-            },
-            4,
-        );
+        t.train_metrics().step(&sample_step(), 4);
         let text = t.prometheus_text();
         for expected in [
             "attrstream_train_steps_total 1",
@@ -440,19 +442,7 @@ mod tests {
             .collect();
         assert_eq!(serve, documented, "README \"Telemetry\" table vs /metrics:\n{text}");
 
-        t.train_metrics().step(
-            &crate::train::trainer::StepStats {
-                step: 0,
-                classifier: 0.5,
-                box_reg: 0.25,
-                objectness: 0.125,
-                rpn_box_reg: 0.125,
-                lr: 0.01,
-                grad_norm: 3.0,
-                images_per_sec: 2.0,
-            },
-            2,
-        );
+        t.train_metrics().step(&sample_step(), 2);
         let trained: std::collections::BTreeSet<String> = families(&t.prometheus_text())
             .into_keys()
             .filter(|name| name.starts_with("attrstream_train_"))

@@ -13,7 +13,7 @@ use attrstream::workers::{BackendFactory, InferenceBackend};
 use image::RgbImage;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -43,7 +43,8 @@ pub fn produce_raw(brokers: &str, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-/// A record read back: topic, partition, offset, key and value.
+/// A record read back: topic, partition, offset, key, value and headers (values as UTF-8,
+/// lossily).
 #[derive(Debug, Clone)]
 pub struct ReadRecord {
     pub topic: String,
@@ -51,6 +52,7 @@ pub struct ReadRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
 }
 
 /// Reads `topics` from the beginning (no group commits) until `count` records arrived or
@@ -74,6 +76,17 @@ pub fn read_topics(brokers: &str, topics: &[&str], count: usize, timeout: Durati
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().unwrap_or_default().to_vec(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                let value = String::from_utf8_lossy(x.value.unwrap_or_default());
+                                (x.key.to_string(), value.into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
         }
     }

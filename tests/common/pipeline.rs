@@ -2,7 +2,10 @@
 //! like `serve` is (the shutdown future resolves, then it drains).
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use attrstream::config::Config;
 use attrstream::pipeline::{run_with_telemetry, Inference, RunReport};
@@ -23,6 +26,16 @@ impl Running {
 
     /// Starts the pipeline reporting into `telemetry` (metrics, spans, health).
     pub fn start_with(config: Config, inference: Inference, telemetry: Telemetry) -> Self {
+        Self::spawn(move |shutdown| run_with_telemetry(config, inference, telemetry, shutdown))
+    }
+
+    /// Runs the future `make` builds on a new thread with a two-thread runtime; the future it
+    /// is given resolves when [`Running::stop`] is called (the pipeline's shutdown signal).
+    pub fn spawn<F, Fut>(make: F) -> Self
+    where
+        F: FnOnce(BoxFuture<'static, ()>) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<RunReport>>,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -30,9 +43,10 @@ impl Running {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(run_with_telemetry(config, inference, telemetry, async {
+            let shutdown = async move {
                 let _ = rx.await;
-            }))
+            };
+            rt.block_on(make(Box::pin(shutdown)))
         });
         Self {
             shutdown: Some(tx),
