@@ -135,9 +135,15 @@ def pip_env():
 
 
 def report(label, diffs):
+    """One line per version that differs; missing packages together (all of them in a new venv)."""
+    missing = [d.split(" ", 1)[0] for d in diffs if " (missing) -> " in d]
+    changed = [d for d in diffs if " (missing) -> " not in d]
     print(f"{ME}: bringing {label} to the pins of its requirements file:", file=sys.stderr)
-    for d in diffs:
+    for d in changed:
         print(f"{ME}:   {d}", file=sys.stderr)
+    if missing:
+        names = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+        print(f"{ME}:   missing: {names}", file=sys.stderr)
 
 
 def report_extras(label, installed, pins):
