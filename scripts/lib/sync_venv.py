@@ -199,10 +199,14 @@ def sync_target(target, req, pins, no_deps, check_files, quiet):
     if quiet:
         cmd.insert(4, "--quiet")
     os.environ.update(pip_env())
-    run(cmd)
-    left = differences(pins, installed_in([partial]))
-    if left:
-        sys.exit(f"{ME}: {partial} differs from {req} after pip install: " + "; ".join(left))
+    try:
+        run(cmd)
+        left = differences(pins, installed_in([partial]))
+        if left:
+            sys.exit(f"{ME}: {partial} differs from {req} after pip install: " + "; ".join(left))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # the old folder stays as it was
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)
     return True
