@@ -21,6 +21,7 @@
 //! * [`embedded_broker`]: the in-process Kafka-protocol broker for `demo`, tests and benchmarks.
 //! * [`attributes`]: detections → aggregated product attributes (labels, main object, colours).
 //! * [`train`]: replaying labelled images, fine-tuning, COCO evaluation, the model registry.
+//! * [`progress`]: progress of long work: a bar on a terminal, periodic log lines otherwise.
 //! * [`telemetry`]: OpenTelemetry traces and metrics (OTLP), Prometheus /metrics, /healthz, /readyz.
 
 pub mod annotate;
@@ -37,6 +38,7 @@ pub mod fetch;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod progress;
 pub mod serve;
 pub mod sink;
 pub mod source;
