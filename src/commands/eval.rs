@@ -21,7 +21,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         (Some(gt), Some(detections), None) => {
             let gt = GroundTruth::from_coco_json(gt)?;
             let detections = coco_eval::load_results_json(detections)?;
-            coco_eval::evaluate(&gt, &detections)?
+            coco_eval::evaluate_with_progress(&gt, &detections, "evaluate categories")?
         }
         (None, None, Some(model)) => evaluate_model(&args, model)?,
         _ => bail!(

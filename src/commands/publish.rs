@@ -14,6 +14,7 @@ use crate::config::{Config, InputFormat};
 use crate::events::registry::resolve_output_schema_id;
 use crate::events::{codec, now_ms, wire, ImageSource, ProductImageEvent};
 use crate::pipeline::{producer_properties, registry_client};
+use crate::progress::Progress;
 use crate::serve::{load_config, runtime};
 use crate::sink::create_producer;
 
@@ -94,21 +95,24 @@ pub async fn input_framing(config: &Config, topic: &str) -> Result<Option<u32>> 
     Ok(Some(id))
 }
 
-/// Produces the events (key = product id) and waits for the broker's acknowledgements.
+/// Produces the events (key = product id) and waits for the broker's acknowledgements,
+/// showing how many are acknowledged.
 pub async fn publish_events(
     producer: &FutureProducer,
     topic: &str,
     schema_id: Option<u32>,
     events: &[ProductImageEvent],
 ) -> Result<()> {
+    let progress = Progress::new("publish", Some(events.len() as u64));
     let sends = events.iter().map(|event| {
         let body = codec::encode_event(event);
         let payload = match schema_id {
             Some(id) => wire::frame(id, &body),
             None => body,
         };
+        let progress = &progress;
         async move {
-            producer
+            let sent = producer
                 .send(
                     FutureRecord::to(topic)
                         .key(event.product_id.as_bytes())
@@ -116,11 +120,14 @@ pub async fn publish_events(
                     Timeout::After(Duration::from_secs(30)),
                 )
                 .await
-                .map_err(|(e, _)| anyhow::anyhow!("cannot publish event {} to {topic}: {e}", event.event_id))
+                .map_err(|(e, _)| anyhow::anyhow!("cannot publish event {} to {topic}: {e}", event.event_id));
+            progress.inc(1);
+            sent
         }
     });
     for result in futures::future::join_all(sends).await {
         result?;
     }
+    progress.finish();
     Ok(())
 }

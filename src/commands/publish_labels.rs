@@ -27,6 +27,7 @@ use crate::events::labelled::{
 use crate::events::registry::resolve_output_schema_id;
 use crate::events::{now_ms, ImageSource};
 use crate::pipeline::{producer_properties, registry_client};
+use crate::progress::Progress;
 use crate::serve::{load_config_without_serve_schemas, runtime};
 use crate::sink::create_producer;
 
@@ -373,7 +374,7 @@ impl CocoImport {
 }
 
 /// Produces one record per image (key = product id) with at most [`IN_FLIGHT`] at once and
-/// waits for every acknowledgement.
+/// waits for every acknowledgement, showing how many are acknowledged.
 async fn publish(
     producer: &FutureProducer,
     topic: &str,
@@ -397,9 +398,12 @@ async fn publish(
             Ok::<_, anyhow::Error>(())
         })
         .buffered(IN_FLIGHT);
+    let progress = Progress::new("publish-labels", Some(data.images.len() as u64));
     while let Some(result) = sends.next().await {
         result?;
+        progress.inc(1);
     }
+    progress.finish();
     Ok(data.summary(topic, !as_uri))
 }
 

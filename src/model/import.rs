@@ -22,6 +22,7 @@ use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use crate::model::labels::coco_labels;
 use crate::model::torch_pickle::{self, TorchFormat};
 use crate::model::weights::{self, WeightsMetadata};
+use crate::progress::Progress;
 
 /// State-dict key whose first dimension is the number of classes of a Faster R-CNN.
 const CLASS_SCORE_KEY: &str = "roi_heads.box_predictor.cls_score.weight";
@@ -227,9 +228,12 @@ fn model_config(input: Option<serde_json::Value>, options: &ImportOptions, sha25
 ///
 /// The file is written into a temporary folder next to `options.output`, verified (unless
 /// `options.verify` is false) and only then moved into place, so a failed import never
-/// leaves a broken file behind nor replaces a good one.
+/// leaves a broken file behind nor replaces a good one. Progress counts the stages (read,
+/// hash, write, verify).
 pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<ImportReport> {
     let format = detect_format(input)?;
+    let progress = Progress::new("import", Some(3 + u64::from(options.verify)));
+    progress.set_message(format!("reading {}", input.display()));
     let (tensors, input_meta) = match format {
         CheckpointFormat::TorchZip | CheckpointFormat::TorchLegacy => (torch_pickle::read_state_dict(input)?, None),
         CheckpointFormat::Safetensors => {
@@ -250,6 +254,8 @@ pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<Import
         .unwrap_or_else(coco_labels);
     check_class_count(input, &tensors, &labels, options.labels.is_some())?;
 
+    progress.inc(1);
+    progress.set_message("hashing the input");
     let source_sha256 = match &options.source_sha256 {
         Some(h) => h.clone(),
         None => sha256_file(input)?,
@@ -283,8 +289,12 @@ pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<Import
         .file_name()
         .with_context(|| format!("output {} has no file name", output.display()))?;
     let staged = staging.path().join(file_name);
+    progress.inc(1);
+    progress.set_message(format!("writing {} tensors", tensors.len()));
     weights::save(&staged, &tensors, &metadata)?;
+    progress.inc(1);
     if options.verify {
+        progress.set_message("verifying");
         if options.architecture != FASTERRCNN_RESNET50_FPN {
             bail!(
                 "cannot verify weights of architecture `{}` (only {FASTERRCNN_RESNET50_FPN}); import with --no-verify",
@@ -299,8 +309,11 @@ pub fn import_checkpoint(input: &Path, options: &ImportOptions) -> Result<Import
                 labels.len()
             )
         })?;
+        progress.inc(1);
     }
     std::fs::rename(&staged, output).with_context(|| format!("cannot move weights into {}", output.display()))?;
+    progress.set_message("");
+    progress.finish();
     Ok(ImportReport {
         output: output.clone(),
         format,

@@ -32,6 +32,8 @@ mod metrics;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
+use crate::progress::Progress;
+
 pub use dataset::{load_results_json, Annotation, Category, CocoDataError, DetectionResult, GroundTruth, Image};
 pub use metrics::{ClassCurve, ClassMetrics, CocoMetrics, CocoStats, EvalCounts, PrCurve, PrCurves};
 
@@ -75,6 +77,18 @@ fn linspace<const N: usize>(start: f64, stop: f64) -> [f64; N] {
 /// truth does not list (pycocotools asserts the same) and on bad boxes or scores.
 pub fn evaluate(gt: &GroundTruth, dets: &[DetectionResult]) -> Result<CocoMetrics, CocoDataError> {
     Ok(accumulate(gt, dets)?.metrics())
+}
+
+/// [`evaluate`] showing its progress (categories matched) under `label`, for large data sets.
+pub fn evaluate_with_progress(
+    gt: &GroundTruth,
+    dets: &[DetectionResult],
+    label: &str,
+) -> Result<CocoMetrics, CocoDataError> {
+    let progress = Progress::new(label, Some(gt.categories().len() as u64));
+    let evaluation = accumulate_counting(gt, dets, Some(&progress))?;
+    progress.finish();
+    Ok(evaluation.metrics())
 }
 
 /// The accumulated evaluation: pycocotools' `eval["precision"]` and `eval["recall"]` arrays,
@@ -137,6 +151,15 @@ fn recall_index(t: usize, k: usize, a: usize, m: usize, k_len: usize) -> usize {
 
 /// Runs pycocotools' `evaluate()` and `accumulate()`.
 pub fn accumulate(gt: &GroundTruth, dets: &[DetectionResult]) -> Result<CocoEvaluation, CocoDataError> {
+    accumulate_counting(gt, dets, None)
+}
+
+/// [`accumulate`], counting each category matched on `progress`.
+fn accumulate_counting(
+    gt: &GroundTruth,
+    dets: &[DetectionResult],
+    progress: Option<&Progress>,
+) -> Result<CocoEvaluation, CocoDataError> {
     // p.imgIds and p.catIds: sorted unique ids.
     let mut image_ids: Vec<i64> = gt.images().iter().map(|i| i.id).collect();
     image_ids.sort_unstable();
@@ -199,6 +222,9 @@ pub fn accumulate(gt: &GroundTruth, dets: &[DetectionResult]) -> Result<CocoEval
             for entry in &per_image {
                 eval_imgs.push(entry.as_ref().map(|e| evaluate_image(e, (lo, hi), &iou_thrs)));
             }
+        }
+        if let Some(p) = progress {
+            p.inc(1);
         }
     }
 

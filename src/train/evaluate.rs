@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::detection::Detector;
+use crate::progress::Progress;
 use crate::train::coco_eval::{self, Annotation, Category, CocoMetrics, DetectionResult, GroundTruth, Image};
 use crate::train::replay::Example;
 
@@ -57,7 +58,7 @@ pub fn ground_truth(examples: &[Example], classes: &[String]) -> Result<GroundTr
 }
 
 /// Runs `detector` over `examples` in batches of `batch_size` and returns its detections as
-/// COCO results over `classes` (detections of other labels dropped).
+/// COCO results over `classes` (detections of other labels dropped), showing the images done.
 pub fn detections(
     detector: &Detector,
     examples: &[Example],
@@ -65,6 +66,7 @@ pub fn detections(
     batch_size: usize,
 ) -> Result<Vec<DetectionResult>> {
     let mut out = Vec::new();
+    let progress = Progress::new("evaluate", Some(examples.len() as u64));
     for (chunk_index, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
         let images: Vec<image::RgbImage> = chunk.iter().map(|e| e.image.clone()).collect();
         let found = tch::no_grad(|| detector.detect(&images)).context("running the detector for evaluation")?;
@@ -83,7 +85,9 @@ pub fn detections(
                 });
             }
         }
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     Ok(out)
 }
 

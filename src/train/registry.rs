@@ -67,6 +67,8 @@ use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::progress::Progress;
+
 pub use location::{parse_location, Location};
 pub use resolve::{resolve_model, resolve_model_blocking, ResolvedModel};
 pub use types::{
@@ -483,6 +485,8 @@ impl ModelRegistry {
             .await
             .map_err(io(format!("write {}", tmp.path().display())))?;
         let mut hasher = Sha256::new();
+        let progress = Progress::bytes("download", Some(result.meta.size));
+        progress.set_message(format!("{version} {}", manifest.weights.file));
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.store_error("download", &key, e))?;
@@ -490,7 +494,9 @@ impl ModelRegistry {
             out.write_all(&chunk)
                 .await
                 .map_err(io(format!("write {}", tmp.path().display())))?;
+            progress.inc(chunk.len() as u64);
         }
+        progress.finish();
         out.sync_all()
             .await
             .map_err(io(format!("write {}", tmp.path().display())))?;

@@ -18,6 +18,8 @@
 //! their partition, offset, a machine-readable kind and the reason; they never stop the replay.
 //! Only a schema registry that cannot be reached stops it (the records are fine; the result would
 //! silently miss data).
+//! Progress (records done out of the snapshot's offsets) shows as a bar or periodic log lines
+//! ([`crate::progress`]).
 //!
 //! With a cache folder ([`ReplayOptions::cache_dir`]) every decoded example is stored as a PNG
 //! plus a small JSON file, keyed by topic, partition, offset and a SHA-256 of the record's value
@@ -61,6 +63,7 @@ use crate::events::labelled::{LabelledDecoder, LabelledImage, SplitHint};
 use crate::events::registry::SchemaRegistry;
 use crate::fetch::{FetchConfig, ImageFetcher};
 use crate::preprocess::{decode_image, DEFAULT_MAX_PIXELS};
+use crate::progress::Progress;
 
 // ---------------------------------------------------------------------------------------
 // Ranges
@@ -706,14 +709,21 @@ pub async fn read_snapshot(options: &ReplayOptions, snapshot: &Snapshot) -> Resu
     let (tx, rx) = mpsc::channel::<RawRecord>(options.concurrency * 2);
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_group = throwaway_group_id();
+    // Records done out of the snapshot's offsets: decoded or skipped here, filtered by
+    // timestamp in the reader.
+    let progress = Progress::new(
+        format!("replay {}", options.topic),
+        Some(u64::try_from(snapshot.max_records()).unwrap_or(0)),
+    );
     let reader = {
         let consumer = create_consumer(options, &consumer_group)?;
         let snapshot = snapshot.clone();
         let stop = stop.clone();
         let idle_timeout = options.idle_timeout;
+        let progress = progress.clone();
         std::thread::Builder::new()
             .name("attrstream-replay".into())
-            .spawn(move || read_partitions(&consumer, &snapshot, idle_timeout, &tx, &stop))
+            .spawn(move || read_partitions(&consumer, &snapshot, idle_timeout, &tx, &stop, &progress))
             .context("cannot start the replay consumer thread")?
     };
 
@@ -739,6 +749,7 @@ pub async fn read_snapshot(options: &ReplayOptions, snapshot: &Snapshot) -> Resu
     let (mut cache_hits, mut fetched, mut cache_write_errors) = (0, 0, 0);
     let mut fatal = None;
     while let Some(outcome) = outcomes.next().await {
+        progress.inc(1);
         match outcome {
             Outcome::Example {
                 example,
@@ -773,6 +784,9 @@ pub async fn read_snapshot(options: &ReplayOptions, snapshot: &Snapshot) -> Resu
         return Err(e);
     }
     let counts = counts?;
+    // The snapshot's offsets are an upper bound (compaction gaps): end at what was there.
+    progress.set_length(counts.records);
+    progress.finish();
     examples.sort_by_key(|e| (e.source.partition, e.source.offset));
     skipped.sort_by_key(|s| (s.partition, s.offset));
     let report = ReplayReport {
@@ -798,6 +812,7 @@ fn read_partitions(
     idle_timeout: Duration,
     tx: &mpsc::Sender<RawRecord>,
     stop: &AtomicBool,
+    progress: &Progress,
 ) -> Result<ReadCounts> {
     let topic = snapshot.topic.as_str();
     let mut counts = ReadCounts::default();
@@ -878,6 +893,7 @@ fn read_partitions(
             }
         } else {
             counts.filtered_by_timestamp += 1;
+            progress.inc(1);
         }
         if offset + 1 >= range.end {
             open.remove(&partition);
