@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use backon::{BlockingRetryable, ExponentialBuilder};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::blocking::Client;
 use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
@@ -24,6 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::detection::FASTERRCNN_RESNET50_FPN;
 use crate::model::import::{import_checkpoint, ImportOptions, ImportReport};
 use crate::model::weights;
+use crate::progress::{Progress, ProgressOptions, Unit};
 
 /// A checkpoint `model fetch` knows by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +137,8 @@ pub struct FetchOptions {
     pub force: bool,
     /// Load the converted weights into the model before putting them in place.
     pub verify: bool,
-    /// Show a progress bar on stderr (only drawn when stderr is a terminal).
+    /// Show a progress bar on stderr (only drawn when stderr is a terminal; without one,
+    /// progress goes to periodic log lines).
     pub progress: bool,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
@@ -324,7 +325,7 @@ struct Transfer<'a> {
     /// ETag or Last-Modified of the first answer, so a resumed range comes from the same file.
     validator: Option<String>,
     hasher: Sha256,
-    bar: ProgressBar,
+    progress: Progress,
 }
 
 /// Downloads `url` into `file` with retries; returns its sha256 and size.
@@ -335,16 +336,16 @@ fn download(url: &str, file: &mut File, options: &FetchOptions) -> Result<(Strin
         .timeout(options.read_timeout)
         .build()
         .context("cannot set up the HTTP client")?;
-    let bar = if options.progress {
-        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-    {
-        bar.set_style(style);
-    }
-    bar.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
+    let progress = Progress::with_options(
+        "download",
+        None,
+        ProgressOptions {
+            unit: Unit::Bytes,
+            bar: options.progress,
+            ..ProgressOptions::default()
+        },
+    );
+    progress.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
     let mut transfer = Transfer {
         client,
         url,
@@ -353,7 +354,7 @@ fn download(url: &str, file: &mut File, options: &FetchOptions) -> Result<(Strin
         total: None,
         validator: None,
         hasher: Sha256::new(),
-        bar,
+        progress,
     };
     let backoff = ExponentialBuilder::default()
         .with_min_delay(options.retry.min_delay)
@@ -365,8 +366,8 @@ fn download(url: &str, file: &mut File, options: &FetchOptions) -> Result<(Strin
         .when(|e| matches!(e, AttemptError::Transient(_)))
         .notify(|e, delay| tracing::warn!("download of {url} failed: {e}; retrying in {delay:.1?}"))
         .call();
-    transfer.bar.finish_and_clear();
     result.map_err(|e| e.into_inner().context(format!("cannot download {url}")))?;
+    transfer.progress.finish();
     let sha256 = hex::encode(std::mem::take(&mut transfer.hasher).finalize());
     Ok((sha256, transfer.received))
 }
@@ -380,7 +381,7 @@ impl Transfer<'_> {
             .map_err(|e| AttemptError::Permanent(anyhow!("cannot truncate the temporary file: {e}")))?;
         self.received = 0;
         self.hasher = Sha256::new();
-        self.bar.set_position(0);
+        self.progress.set_position(0);
         Ok(())
     }
 
@@ -454,9 +455,9 @@ impl Transfer<'_> {
             }
         }
         if let Some(total) = self.total {
-            self.bar.set_length(total);
+            self.progress.set_length(total);
         }
-        self.bar.set_position(self.received);
+        self.progress.set_position(self.received);
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = match response.read(&mut buf) {
@@ -475,7 +476,7 @@ impl Transfer<'_> {
                 .map_err(|e| AttemptError::Permanent(anyhow!("cannot write the temporary file: {e}")))?;
             self.hasher.update(&buf[..n]);
             self.received += n as u64;
-            self.bar.inc(n as u64);
+            self.progress.inc(n as u64);
         }
         match self.total {
             Some(total) if self.received < total => Err(AttemptError::Transient(anyhow!(

@@ -4,7 +4,7 @@
 //! registry) publish it as a new version and promote it only if it is better.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::detection::Detector;
 use crate::model::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 use crate::model::weights::{self, WeightsMetadata};
+use crate::progress::{Progress, ProgressOptions};
 use crate::train::coco_eval::CocoMetrics;
 use crate::train::evaluate::{evaluate_detector, validation_fingerprint};
 use crate::train::registry::{
@@ -84,7 +85,7 @@ pub struct TrainJob {
     pub eval_batch_size: usize,
     /// Promote the published candidate under this policy (needs `registry`).
     pub promote: Option<PromotionPolicy>,
-    /// Show a progress bar on stderr.
+    /// Show a progress bar on stderr (false: progress goes to periodic log lines only).
     pub progress: bool,
     /// Where each step's figures go as OpenTelemetry metrics (`attrstream_train_*`), if anywhere.
     pub metrics: Option<crate::telemetry::TrainMetrics>,
@@ -398,7 +399,7 @@ fn train_loop(
         tracing::info!(step, "resumed from a checkpoint");
     }
     let total = job.settings.steps;
-    let bar = progress_bar(job.progress, total, trainer.next_step());
+    let bar = progress(job.progress, total, trainer.next_step());
     let started = Instant::now();
     let mut stats = Vec::new();
     while trainer.next_step() < total {
@@ -441,7 +442,7 @@ fn train_loop(
             trainer.save_checkpoint(&checkpoints, 2)?;
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     let seconds = started.elapsed().as_secs_f64();
     trainer.save_checkpoint(&checkpoints, 2)?;
     let out = job.out_dir.join("model.safetensors");
@@ -459,18 +460,13 @@ fn train_loop(
     Ok((stats, resumed_at, seconds, out))
 }
 
-/// A progress bar with the step figures as its message (hidden when not wanted or not a terminal).
-fn progress_bar(enabled: bool, total: u64, position: u64) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_position(position);
-    bar.enable_steady_tick(Duration::from_millis(500));
-    bar
+/// The steps' progress, with the step figures as its message: a bar on a terminal unless
+/// `bar` is false (`--no-progress`), else periodic log lines.
+fn progress(bar: bool, total: u64, position: u64) -> Progress {
+    let options = ProgressOptions {
+        start: position,
+        bar,
+        ..ProgressOptions::default()
+    };
+    Progress::with_options("train", Some(total), options)
 }
