@@ -4,20 +4,56 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// What `attrstream --version` prints: the crate version, the git commit it was built from,
+/// the libtorch it links, and whether the `cuda` feature was built in (a bug report needs all four).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ATTRSTREAM_GIT_COMMIT"),
+    ", libtorch ",
+    env!("ATTRSTREAM_LIBTORCH_VERSION"),
+    ", cuda feature ",
+    env!("ATTRSTREAM_CUDA_FEATURE"),
+    ")"
+);
+
 /// Turns product photos into product attributes.
 #[derive(Debug, Parser)]
 #[command(
     name = "attrstream",
-    version,
-    about = "Turns product photos into product attributes: object detection (Faster R-CNN ResNet-50 FPN, SSD MobileNetV2) on libtorch"
+    version = VERSION,
+    about = "Turns product photos into product attributes: object detection (Faster R-CNN ResNet-50 FPN, SSD MobileNetV2) on libtorch",
+    after_help = "Exit codes: 0 success; 1 the job ran and some inputs failed (or a promotion was refused); \
+                  2 usage or configuration error; 3 runtime failure (a broker, registry, database or model \
+                  unreachable or invalid)."
 )]
 pub struct Cli {
     /// CPU threads for libtorch (0 = libtorch's default, one per core).
     #[arg(long, global = true, env = "ATTRSTREAM_THREADS", default_value_t = 0)]
     pub threads: i32,
+    /// Log line format: text for people, json (one object per line, with trace ids) for log
+    /// pipelines [default: telemetry.log_format of the configuration, else text].
+    #[arg(long, global = true, value_enum, env = "ATTRSTREAM_TELEMETRY__LOG_FORMAT")]
+    pub log_format: Option<crate::telemetry::logging::LogFormat>,
+    /// More log output: -v debug, -vv trace (moves RUST_LOG's default level; default info).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output: -q warnings and errors, -qq errors only; also hides progress bars.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The logging flags, for [`crate::telemetry::logging::init`].
+    pub fn log_settings(&self) -> crate::telemetry::logging::LogSettings {
+        crate::telemetry::logging::LogSettings {
+            format: self.log_format,
+            verbosity: (i16::from(self.verbose) - i16::from(self.quiet)).clamp(-8, 8) as i8,
+        }
+    }
 }
 
 /// The subcommands.
@@ -50,6 +86,16 @@ pub enum Command {
     /// Evaluate detections against ground truth with COCO metrics (equal to pycocotools):
     /// prints the summary and per-class AP, writes metrics.json and pr_curve.png.
     Eval(EvalArgs),
+    /// Print a shell completion script: `attrstream completions bash > /etc/bash_completion.d/attrstream`.
+    Completions(CompletionsArgs),
+}
+
+/// Arguments of `attrstream completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// Where the service configuration comes from; shared by serve, publish and tail.

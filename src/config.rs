@@ -16,6 +16,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::attributes::ColourConfig;
+use crate::exit::UsageContext;
 use crate::fetch::FetchConfig;
 
 /// Everything `attrstream serve` (and `demo`, `publish`, `tail`) can be told.
@@ -71,6 +72,10 @@ pub struct KafkaConfig {
     /// How often stored offsets are committed (they are also committed on rebalance and shutdown).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How long the one-shot commands (publish, tail, publish-labels, train, eval --model) wait
+    /// for the brokers to answer before they give up with exit code 3. `serve` keeps waiting.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -85,6 +90,7 @@ impl Default for KafkaConfig {
             consumer_options: BTreeMap::new(),
             producer_options: BTreeMap::new(),
             commit_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -291,6 +297,9 @@ pub struct TelemetryConfig {
     /// PostgreSQL sink's worst retry time.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// Log line format: "text" for people, "json" (one object per line with trace ids) for log
+    /// pipelines. `--log-format` on the command line wins.
+    pub log_format: crate::telemetry::logging::LogFormat,
 }
 
 impl Default for TelemetryConfig {
@@ -299,6 +308,7 @@ impl Default for TelemetryConfig {
             listen: "0.0.0.0:9464".into(),
             service_name: "attrstream".into(),
             stall_timeout: crate::telemetry::health::DEFAULT_STALL_TIMEOUT,
+            log_format: crate::telemetry::logging::LogFormat::Text,
         }
     }
 }
@@ -401,6 +411,7 @@ pub fn normalize_kafka_key(key: &str) -> String {
 impl Config {
     /// Layers defaults, the TOML file (if any), `ATTRSTREAM_*__*` environment variables and
     /// `overrides` (dotted keys with TOML values, e.g. `batch.max_batch_size=16`), then validates.
+    /// Every error is a usage error (exit code 2, see [`crate::exit`]).
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
         let config = Self::load_unvalidated(file, overrides)?;
         config.validate()?;
@@ -408,8 +419,13 @@ impl Config {
     }
 
     /// [`Config::load`] without [`Config::validate`], for callers that validate with other
-    /// requirements (see [`Config::validate_without_serve_schemas`]).
+    /// requirements (see [`Config::validate_without_serve_schemas`]) or show the configuration
+    /// before validating it (`serve --print-config`).
     pub fn load_unvalidated(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
+        Self::layered(file, overrides).usage()
+    }
+
+    fn layered(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -433,8 +449,13 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: ranges, topic names, schema-id sources. Errors name the key.
+    /// Checks what serde cannot: ranges, topic names, schema-id sources. Errors name the key
+    /// and are usage errors (exit code 2).
     pub fn validate(&self) -> Result<()> {
+        self.check().usage()
+    }
+
+    fn check(&self) -> Result<()> {
         let k = &self.kafka;
         for (key, value) in [
             ("kafka.bootstrap_servers", &k.bootstrap_servers),
@@ -465,6 +486,9 @@ impl Config {
                      handling or a dedicated key such as kafka.group_id); remove it"
                 );
             }
+        }
+        if k.connect_timeout.is_zero() {
+            bail!("kafka.connect_timeout must be longer than 0 (e.g. \"30s\")");
         }
         let b = &self.batch;
         if b.max_batch_size == 0 {

@@ -10,6 +10,9 @@
 //! * [`annotate`]: drawing detections onto images.
 //! * [`events`]: the Kafka contracts: records, Avro codec, Confluent framing, schema registry.
 //! * [`fetch`]: image fetching (inline, file, http(s), s3) with limits, retries and an SSRF guard.
+//! * [`exit`]: the exit codes (0 success, 1 some inputs failed, 2 usage, 3 runtime failure).
+//! * [`brokers`]: bounded waiting for the Kafka brokers in the one-shot commands.
+//! * [`kafka_errors`]: librdkafka's global errors, rate-limited in the logs.
 //! * [`config`]: the service settings (TOML file, `ATTRSTREAM_*__*` environment, CLI) and validation.
 //! * [`source`]: the Kafka consumer thread and the per-partition offset tracker (at-least-once).
 //! * [`batcher`]: dynamic batching (max size, max wait, pixel budget, eager when a worker idles).
@@ -27,6 +30,7 @@
 pub mod annotate;
 pub mod attributes;
 pub mod batcher;
+pub mod brokers;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -34,7 +38,9 @@ pub mod detection;
 pub mod device;
 pub mod embedded_broker;
 pub mod events;
+pub mod exit;
 pub mod fetch;
+pub mod kafka_errors;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;

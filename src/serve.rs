@@ -20,6 +20,7 @@ use crate::train::registry::{resolve_model, resolve_model_blocking, ModelRegistr
 use crate::workers::{BackendFactory, DetectorBackend, InferenceBackend};
 
 /// Loads the configuration: file, environment, then the command line's shorthands and `--set`s.
+/// Errors are usage errors (exit code 2). Applies `telemetry.log_format` to the process's logs.
 pub fn load_config(args: &ConfigArgs) -> Result<Config> {
     let config = load_unvalidated(args)?;
     config.validate()?;
@@ -34,7 +35,9 @@ pub fn load_config_without_serve_schemas(args: &ConfigArgs) -> Result<Config> {
     Ok(config)
 }
 
-fn load_unvalidated(args: &ConfigArgs) -> Result<Config> {
+/// The configuration before validation, for `serve --print-config`, which shows it even when
+/// it is invalid.
+pub fn load_unvalidated(args: &ConfigArgs) -> Result<Config> {
     let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
     let mut overrides: Vec<(String, String)> = Vec::new();
     let shorthands = [
@@ -62,6 +65,7 @@ fn load_unvalidated(args: &ConfigArgs) -> Result<Config> {
     for (k, v) in &args.kafka_options {
         config.kafka.options.insert(k.clone(), v.clone());
     }
+    crate::telemetry::logging::apply_configured_format(config.telemetry.log_format);
     Ok(config)
 }
 

@@ -17,6 +17,12 @@ use anyhow::{Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::kafka_errors::QuietContext;
+
+/// The producer every command uses: librdkafka's, with its global errors rate-limited in the
+/// logs ([`QuietContext`]).
+pub type KafkaProducer = FutureProducer<QuietContext>;
 use rdkafka::util::Timeout;
 use tokio::sync::watch;
 
@@ -36,7 +42,7 @@ pub fn producer_defaults() -> Vec<(&'static str, &'static str)> {
 }
 
 /// Creates a producer from `bootstrap.servers` and librdkafka properties (applied in order).
-pub fn create_producer(properties: &[(String, String)]) -> Result<FutureProducer> {
+pub fn create_producer(properties: &[(String, String)]) -> Result<KafkaProducer> {
     let mut config = ClientConfig::new();
     for (k, v) in producer_defaults() {
         config.set(k, v);
@@ -45,7 +51,7 @@ pub fn create_producer(properties: &[(String, String)]) -> Result<FutureProducer
         config.set(k, v);
     }
     config
-        .create()
+        .create_with_context(QuietContext::default())
         .context("cannot create the Kafka producer (check kafka.* settings)")
 }
 
@@ -67,7 +73,7 @@ pub struct SinkSettings {
 /// Produces records and reports completions; cheap to clone into tasks.
 #[derive(Clone)]
 pub struct OutputSink {
-    producer: FutureProducer,
+    producer: KafkaProducer,
     settings: Arc<SinkSettings>,
     completions: CompletionSender,
     fatal: watch::Sender<Option<String>>,
@@ -76,7 +82,7 @@ pub struct OutputSink {
 impl OutputSink {
     /// A sink over `producer`; a permanent failure is announced on `fatal`.
     pub fn new(
-        producer: FutureProducer,
+        producer: KafkaProducer,
         settings: SinkSettings,
         completions: CompletionSender,
         fatal: watch::Sender<Option<String>>,

@@ -120,7 +120,7 @@ fn detect_without_weights_says_how_to_get_them() {
         .args(["detect", "--device", "cpu", "x.png"])
         .output()
         .expect("run attrstream detect");
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(3), "a missing model is a runtime failure");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("model fetch") && stderr.contains("model import"),

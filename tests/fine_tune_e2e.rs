@@ -359,4 +359,58 @@ fn fine_tuning_improves_the_model_and_serve_switches_to_it_without_losing_an_eve
     let first_v2 = by_id.iter().find(|(_, v)| **v == v2).map(|(i, _)| *i).unwrap();
     let stragglers = by_id.range(first_v2 + 8..).filter(|(_, v)| **v == v1).count();
     assert_eq!(stragglers, 0, "after the switch only the new version serves");
+
+    // 6. A promotion the registry refuses is exit code 1 with the reason, and production stays.
+    let refused_dir = dir.path().join("refused");
+    let out = Command::new(env!("CARGO_BIN_EXE_attrstream"))
+        .args([
+            "train",
+            "--topic",
+            LABELS,
+            "--brokers",
+            &brokers,
+            "--model-registry",
+            reg,
+        ])
+        .args([
+            "--base-version",
+            "production",
+            "--devices",
+            "cpu",
+            "--min-size",
+            SIZE,
+            "--max-size",
+            SIZE,
+        ])
+        .args([
+            "--trainable-backbone-layers",
+            "0",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+        ])
+        .args([
+            "--validation-fraction",
+            "0.25",
+            "--no-progress",
+            "--promote",
+            "--min-improvement",
+            "1",
+        ])
+        .arg("--out")
+        .arg(&refused_dir)
+        .arg("--cache-dir")
+        .arg(out_dir.join("cache"))
+        .output()
+        .expect("run attrstream train");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a refused promotion exits 1: {stderr}");
+    assert!(stderr.contains("not promoted"), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["promoted"], Value::Bool(false));
+    let production = cli(&["model", "registry", "--registry", reg, "show", "production"]).0;
+    assert!(production.contains(&v2), "production is still {v2}: {production}");
 }

@@ -247,7 +247,7 @@ fn two_promoting_processes_have_one_winner() {
         let why = stderr(loser);
         eprintln!("round {round}: loser exit {:?}: {}", loser.status.code(), why.trim());
         assert!(
-            (loser.status.code() == Some(2) && why.contains("changed while this command was deciding"))
+            (loser.status.code() == Some(3) && why.contains("changed while this command was deciding"))
                 || (loser.status.code() == Some(1) && why.contains("does not beat")),
             "{why}"
         );
@@ -264,7 +264,7 @@ fn damaged_registries_give_clear_errors() {
 
     std::fs::write(&manifest, b"{\"format\": 1, \"version\":").unwrap();
     let out = f.run(&["show", &v1]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "a damaged registry is a runtime failure");
     assert!(
         stderr(&out).contains("model.json is unreadable") && stderr(&out).contains("publish its weights again"),
         "{}",
@@ -277,7 +277,7 @@ fn damaged_registries_give_clear_errors() {
 
     std::fs::remove_file(&manifest).unwrap();
     let out = f.run(&["promote", &v1]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "a damaged registry is a runtime failure");
     assert!(
         stderr(&out).contains("manifest model.json is missing"),
         "{}",
@@ -302,7 +302,7 @@ fn damaged_registries_give_clear_errors() {
     bytes[last] ^= 0x40;
     std::fs::write(&stored, bytes).unwrap();
     let out = f.run(&["download", &v2, "--cache-dir", s(&f.path("cache"))]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "a damaged registry is a runtime failure");
     assert!(stderr(&out).contains("hash to sha256"), "{}", stderr(&out));
 
     // Labels that differ from the weights' own map are refused at publish.
@@ -310,7 +310,7 @@ fn damaged_registries_give_clear_errors() {
     std::fs::write(&labels, "__background__\ncup\n").unwrap();
     let w = f.weights(5.0);
     let out = f.run(&["publish", "--weights", s(&w), "--labels", s(&labels)]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "a damaged registry is a runtime failure");
     assert!(stderr(&out).contains("label map given"), "{}", stderr(&out));
 }
 

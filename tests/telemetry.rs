@@ -564,7 +564,7 @@ fn readiness_follows_partition_assignment() {
 fn tracing_spans_are_exported_through_the_bridge() {
     // The process-wide `tracing` subscriber, as `main` installs it; this test binary's other
     // tests only log through it.
-    attrstream::telemetry::logging::init();
+    attrstream::telemetry::logging::init(Default::default());
     let receiver = Receiver::start();
     let telemetry = telemetry(OtlpSettings::to_endpoint(&receiver.url(), Duration::from_secs(60)));
     assert!(attrstream::telemetry::logging::attach(

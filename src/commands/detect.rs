@@ -9,12 +9,13 @@ use serde_json::json;
 
 use crate::cli::DetectArgs;
 use crate::detection::{resolve_default_weights, Detector};
+use crate::exit::UsageContext;
 use crate::model::faster_rcnn::FasterRcnnConfig;
 
 /// Runs detection; a file that cannot be read or decoded is reported and skipped, and the
 /// exit code is non-zero if any file failed.
 pub fn run(args: DetectArgs) -> Result<ExitCode> {
-    let device = crate::device::parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device).context("--device").usage()?;
     let cfg = FasterRcnnConfig {
         box_score_thresh: args.score_threshold,
         min_size: args.min_size,

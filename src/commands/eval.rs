@@ -3,9 +3,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cli::EvalArgs;
+use crate::exit::{usage, UsageContext};
 use crate::train::coco_eval::{self, CocoMetrics, GroundTruth};
 use crate::train::pr_plot;
 
@@ -19,15 +20,19 @@ pub const PLOT_FILE: &str = "pr_curve.png";
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let metrics = match (&args.ground_truth, &args.detections, &args.model) {
         (Some(gt), Some(detections), None) => {
-            let gt = GroundTruth::from_coco_json(gt)?;
-            let detections = coco_eval::load_results_json(detections)?;
-            coco_eval::evaluate_with_progress(&gt, &detections, "evaluate categories")?
+            // The two files are the command's arguments: unreadable or inconsistent ones are
+            // usage errors (exit code 2).
+            let gt = GroundTruth::from_coco_json(gt).usage()?;
+            let detections = coco_eval::load_results_json(detections).usage()?;
+            coco_eval::evaluate_with_progress(&gt, &detections, "evaluate categories").usage()?
         }
         (None, None, Some(model)) => evaluate_model(&args, model)?,
-        _ => bail!(
-            "say what to evaluate: --ground-truth GT.json --detections RESULTS.json (file mode), \
-             or --model WEIGHTS --topic LABELLED_TOPIC (model mode)"
-        ),
+        _ => {
+            return Err(usage(anyhow!(
+                "say what to evaluate: --ground-truth GT.json --detections RESULTS.json (file mode), \
+                 or --model WEIGHTS --topic LABELLED_TOPIC (model mode)"
+            )))
+        }
     };
     report(&metrics);
 
@@ -55,7 +60,7 @@ fn evaluate_model(args: &EvalArgs, weights: &std::path::Path) -> Result<CocoMetr
     let topic = args.topic.as_deref().context("--model needs --topic")?;
     let mut options = ReplayOptions::from_config(&config, topic)?;
     if !args.ranges.is_empty() {
-        options.ranges = ReplayRanges::parse(&args.ranges).context("--range")?;
+        options.ranges = ReplayRanges::parse(&args.ranges).context("--range").usage()?;
     }
     let replayed = replay(&options).with_context(|| format!("replaying {topic}"))?;
     let mut examples = replayed.examples;

@@ -14,7 +14,8 @@ pub fn run() -> Result<ExitCode> {
         .collect();
     let info = json!({
         "attrstream": env!("CARGO_PKG_VERSION"),
-        "libtorch": option_env!("ATTRSTREAM_LIBTORCH_VERSION").unwrap_or("unknown"),
+        "commit": env!("ATTRSTREAM_GIT_COMMIT"),
+        "libtorch": env!("ATTRSTREAM_LIBTORCH_VERSION"),
         "cuda_available": tch::Cuda::is_available(),
         "cudnn_available": tch::Cuda::cudnn_is_available(),
         "cuda_device_count": cuda_devices,

@@ -1,5 +1,6 @@
 //! The implementation of each subcommand; [`run`] dispatches.
 
+mod completions;
 mod demo;
 mod detect;
 mod eval;
@@ -18,7 +19,8 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Command};
 
-/// Runs the parsed command line; the exit code says whether every input succeeded.
+/// Runs the parsed command line; the exit code says whether every input succeeded, and an
+/// error's code whether it was a usage or a runtime failure (see [`crate::exit`]).
 pub fn run(cli: Cli) -> Result<ExitCode> {
     if cli.threads > 0 {
         tch::set_num_threads(cli.threads);
@@ -35,5 +37,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::PublishLabels(args) => publish_labels::run(args),
         Command::SynthLabels(args) => synth_labels::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Completions(args) => completions::run(args),
     }
 }

@@ -144,6 +144,7 @@ mod registry {
     use crate::cli::{
         RegistryArgs, RegistryCommand, RegistryDownloadArgs, RegistryPromoteArgs, RegistryPublishArgs, RegistryShowArgs,
     };
+    use crate::exit::UsageContext;
     use crate::model::import;
     use crate::train::registry::{
         resolve_model, ModelRegistry, NewVersion, PromotionPolicy, VersionId, PRODUCTION_REF,
@@ -151,8 +152,8 @@ mod registry {
 
     /// Opens the registry named by the arguments and runs the subcommand.
     pub fn run(args: RegistryArgs) -> Result<ExitCode> {
-        let location = location(&args)?;
-        let mut registry = ModelRegistry::open(&location)?;
+        let location = location(&args).usage()?;
+        let mut registry = ModelRegistry::open(&location).usage()?;
         if let Some(by) = &args.by {
             registry = registry.with_actor(by.clone());
         }
@@ -166,7 +167,7 @@ mod registry {
                 RegistryCommand::Show(a) => show(&registry, a).await,
                 RegistryCommand::Promote(a) => promote(&registry, a).await,
                 RegistryCommand::Rollback(a) => {
-                    let version = VersionId::parse(&a.version)?;
+                    let version = VersionId::parse(&a.version).usage()?;
                     let production = registry.rollback(&version, a.note.as_deref()).await?;
                     println!("{}", serde_json::to_string(&production)?);
                     Ok(ExitCode::SUCCESS)
@@ -212,7 +213,7 @@ mod registry {
                 None => bail!("{} has no production version yet", registry.location()),
             }
         } else {
-            Ok(VersionId::parse(text.trim())?)
+            VersionId::parse(text.trim()).usage()
         }
     }
 
@@ -277,7 +278,7 @@ mod registry {
     }
 
     async fn promote(registry: &ModelRegistry, args: RegistryPromoteArgs) -> Result<ExitCode> {
-        let version = VersionId::parse(&args.version)?;
+        let version = VersionId::parse(&args.version).usage()?;
         let policy = PromotionPolicy {
             force: args.force,
             metric: args.metric,
@@ -299,7 +300,7 @@ mod registry {
         let mut candidate = NewVersion::new(&args.weights);
         candidate.architecture = args.architecture;
         candidate.labels = args.labels.as_deref().map(import::read_labels).transpose()?;
-        candidate.parent = args.parent.as_deref().map(VersionId::parse).transpose()?;
+        candidate.parent = args.parent.as_deref().map(VersionId::parse).transpose().usage()?;
         candidate.metrics = args.metrics.as_deref().map(|p| read_json(p, "metrics")).transpose()?;
         candidate.parent_metrics = args
             .parent_metrics

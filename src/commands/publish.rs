@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
+use crate::brokers::wait_for_brokers_async;
 use crate::cli::PublishArgs;
 use crate::config::{Config, InputFormat};
 use crate::events::registry::resolve_output_schema_id;
@@ -29,6 +30,12 @@ pub fn run(args: PublishArgs) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     runtime()?.block_on(async {
         let producer = create_producer(&producer_properties(&config))?;
+        wait_for_brokers_async(
+            producer.client(),
+            &config.kafka.bootstrap_servers,
+            config.kafka.connect_timeout,
+        )
+        .await?;
         let framing = input_framing(&config, &topic).await?;
         publish_events(&producer, &topic, framing, &events).await?;
         for e in &events {
@@ -98,7 +105,7 @@ pub async fn input_framing(config: &Config, topic: &str) -> Result<Option<u32>> 
 /// Produces the events (key = product id) and waits for the broker's acknowledgements,
 /// showing how many are acknowledged.
 pub async fn publish_events(
-    producer: &FutureProducer,
+    producer: &crate::sink::KafkaProducer,
     topic: &str,
     schema_id: Option<u32>,
     events: &[ProductImageEvent],

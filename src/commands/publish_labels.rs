@@ -14,18 +14,20 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt as _;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::brokers::wait_for_brokers_async;
 use crate::cli::PublishLabelsArgs;
 use crate::events::labelled::{
     encode_labelled_framed, labelled_image_schema_json, BoxAnnotation, LabelledImage, SplitHint,
 };
 use crate::events::registry::resolve_output_schema_id;
 use crate::events::{now_ms, ImageSource};
+use crate::exit::usage;
 use crate::pipeline::{producer_properties, registry_client};
 use crate::progress::Progress;
 use crate::serve::{load_config_without_serve_schemas, runtime};
@@ -49,7 +51,7 @@ pub fn run(args: PublishLabelsArgs) -> Result<ExitCode> {
     let summary = runtime()?.block_on(async {
         let registry = registry_client(&config)?;
         if registry.is_none() && args.schema_id.is_none() {
-            bail!("no schema id for {topic}: pass --schema-id N, or configure a schema registry (--registry URL) to look up or register {topic}-value");
+            return Err(usage(anyhow::anyhow!("no schema id for {topic}: pass --schema-id N, or configure a schema registry (--registry URL) to look up or register {topic}-value")));
         }
         let schema_id = resolve_output_schema_id(
             registry.as_deref(),
@@ -60,6 +62,7 @@ pub fn run(args: PublishLabelsArgs) -> Result<ExitCode> {
         )
         .await?;
         let producer = create_producer(&producer_properties(&config))?;
+        wait_for_brokers_async(producer.client(), &config.kafka.bootstrap_servers, config.kafka.connect_timeout).await?;
         publish(&producer, topic, schema_id, &data, args.uri).await
     })?;
     println!("{}", serde_json::to_string(&summary)?);
@@ -376,7 +379,7 @@ impl CocoImport {
 /// Produces one record per image (key = product id) with at most [`IN_FLIGHT`] at once and
 /// waits for every acknowledgement, showing how many are acknowledged.
 async fn publish(
-    producer: &FutureProducer,
+    producer: &crate::sink::KafkaProducer,
     topic: &str,
     schema_id: u32,
     data: &CocoImport,

@@ -6,25 +6,19 @@ use anyhow::Result;
 
 use crate::cli::ServeArgs;
 use crate::config::redact;
-use crate::serve::{configured_devices, detector_inference, follow_registry, load_config, runtime, shutdown_signal};
+use crate::config::Config;
+use crate::serve::{
+    configured_devices, detector_inference, follow_registry, load_config, load_unvalidated, runtime, shutdown_signal,
+};
 use crate::telemetry::http::HttpServer;
 use crate::telemetry::{device_memory, Telemetry};
 
 /// Loads the configuration, starts the workers and runs the pipeline until a signal.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
-    let config = load_config(&args.config)?;
     if args.print_config {
-        let mut shown = config.clone();
-        shown.kafka.options = redact(&shown.kafka.options);
-        shown.kafka.consumer_options = redact(&shown.kafka.consumer_options);
-        shown.kafka.producer_options = redact(&shown.kafka.producer_options);
-        if shown.schemas.registry_password.is_some() {
-            shown.schemas.registry_password = Some("<redacted>".into());
-        }
-        shown.database = shown.database.redacted();
-        println!("{}", toml::to_string_pretty(&shown)?);
-        return Ok(ExitCode::SUCCESS);
+        return print_config(&args);
     }
+    let config = load_config(&args.config)?;
     tracing::info!(
         brokers = %config.kafka.bootstrap_servers,
         group = %config.kafka.group_id,
@@ -59,4 +53,27 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         "stopped"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--print-config`: the effective configuration with secrets redacted, printed even when it
+/// fails validation (then followed by the validation error, exit code 2), so a user sees what
+/// the layers added up to.
+fn print_config(args: &ServeArgs) -> Result<ExitCode> {
+    let config = load_unvalidated(&args.config)?;
+    println!("{}", toml::to_string_pretty(&redacted(&config))?);
+    config.validate()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `config` with every secret replaced by `<redacted>`.
+fn redacted(config: &Config) -> Config {
+    let mut shown = config.clone();
+    shown.kafka.options = redact(&shown.kafka.options);
+    shown.kafka.consumer_options = redact(&shown.kafka.consumer_options);
+    shown.kafka.producer_options = redact(&shown.kafka.producer_options);
+    if shown.schemas.registry_password.is_some() {
+        shown.schemas.registry_password = Some("<redacted>".into());
+    }
+    shown.database = shown.database.redacted();
+    shown
 }

@@ -9,10 +9,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 
+use crate::brokers::wait_for_brokers_async;
 use crate::cli::TailArgs;
 use crate::config::normalize_kafka_key;
 use crate::events::registry::SchemaRegistry;
 use crate::events::{codec, wire};
+use crate::kafka_errors::QuietContext;
 use crate::pipeline::registry_client;
 use crate::serve::{load_config, runtime};
 
@@ -39,7 +41,15 @@ pub fn run(args: TailArgs) -> Result<ExitCode> {
     let dead_letters = args.dead_letters;
     let mut printed = 0u64;
     runtime()?.block_on(async {
-        let consumer: StreamConsumer = client.create().context("cannot create the Kafka consumer")?;
+        let consumer: StreamConsumer<QuietContext> = client
+            .create_with_context(QuietContext::default())
+            .context("cannot create the Kafka consumer")?;
+        wait_for_brokers_async(
+            consumer.client(),
+            &config.kafka.bootstrap_servers,
+            config.kafka.connect_timeout,
+        )
+        .await?;
         consumer
             .subscribe(&[&topic])
             .with_context(|| format!("cannot subscribe to {topic}"))?;

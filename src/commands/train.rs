@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{ScheduleKind, SplitKind, TrainArgs};
+use crate::exit::UsageContext;
 use crate::serve::load_config_without_serve_schemas;
 use crate::telemetry::Telemetry;
 use crate::train::job::{self, BaseModel, TrainJob, ValidationSource};
@@ -14,10 +15,11 @@ use crate::train::sgd::{Decay, LrSchedule, SgdConfig};
 use crate::train::split::SplitStrategy;
 use crate::train::trainer::TrainSettings;
 
-/// Runs the job and prints its outcome; exits 0 when it trained (promotion refusals are
-/// outcomes, not errors: they are printed and recorded in the registry).
+/// Runs the job and prints its outcome; exits 0 when it trained (and, with `--promote`, the
+/// candidate was promoted), 1 when the promotion was refused (the reason is printed and
+/// recorded in the registry), 2 for bad flags or configuration (see [`crate::exit`]).
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
-    let mut job = job_from_args(args)?;
+    let mut job = job_from_args(args).usage()?;
     // Step figures go out by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; tracing spans too.
     let telemetry = Telemetry::for_command(&job.config.telemetry)?;
     job.metrics = Some(telemetry.train_metrics());
@@ -69,7 +71,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             "last_loss": last,
         })
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(match &outcome.promotion {
+        Some(decision) if !decision.promoted => ExitCode::from(crate::exit::SOME_INPUTS_FAILED),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 /// Turns the arguments into a job, checking them with messages that name the flag.

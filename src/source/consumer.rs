@@ -21,6 +21,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::offsets::{MessagePosition, OffsetTracker};
+use crate::kafka_errors::ErrorLog;
 use crate::telemetry::{EventTrace, Health};
 
 /// One consumed message, owned, with what the pipeline needs to report its completion.
@@ -76,6 +77,10 @@ pub struct ConsumerReport {
 /// the partitions. Pausing drops librdkafka's prefetched messages and fetching resumes only
 /// after about a second, which would cap throughput at about `max_in_flight` msgs/s.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Until the first partitions are assigned, how often the poll loop logs what it waits for
+/// (an unreachable cluster is retried forever, as Kafka clients do; `/readyz` says 503 meanwhile).
+const WAITING_NOTICE_EVERY: Duration = Duration::from_secs(30);
 
 /// State shared between the poll loop and the rebalance callbacks (same thread, so the
 /// mutex is never contended; it exists because the callbacks only get `&self`).
@@ -139,12 +144,18 @@ impl SharedState {
 struct TrackingContext {
     state: Arc<Mutex<SharedState>>,
     health: Arc<Health>,
+    errors: ErrorLog,
 }
 
 impl ClientContext for TrackingContext {
     /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag per partition.
     fn stats(&self, statistics: rdkafka::Statistics) {
         self.health.record_statistics(&statistics);
+    }
+
+    /// Global errors (brokers down, …), rate-limited in the logs.
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.report(&error, reason);
     }
 }
 
@@ -292,6 +303,7 @@ pub fn spawn_consumer(
         .create_with_context(TrackingContext {
             state: state.clone(),
             health: settings.health.clone(),
+            errors: ErrorLog::default(),
         })
         .context("cannot create the Kafka consumer (check kafka.* settings)")?;
     consumer
@@ -327,7 +339,11 @@ fn poll_loop(
     let mut stalled_since: Option<Instant> = None;
     let health = settings.health.clone();
     health.consumer_started(settings.drain_timeout);
+    let mut waiting_notice = Some(Instant::now() + WAITING_NOTICE_EVERY);
     while !shutdown.load(Ordering::SeqCst) {
+        if waiting_notice.is_some_and(|at| Instant::now() >= at) {
+            waiting_notice = notice_while_unassigned(&consumer, &settings);
+        }
         let moved = apply_completions(&state);
         store(&consumer, &settings.topic, &moved);
         let (in_flight, completed) = in_flight_and_completed(&state);
@@ -419,6 +435,29 @@ fn poll_loop(
 }
 
 /// Pauses all assigned partitions above the in-flight limit and resumes below half of it.
+/// Logs what the consumer waits for while it has never had partitions; returns when to look
+/// again (`None` once partitions arrived).
+fn notice_while_unassigned(consumer: &BaseConsumer<TrackingContext>, settings: &ConsumerSettings) -> Option<Instant> {
+    if consumer.assignment().is_ok_and(|a| a.count() > 0) {
+        return None;
+    }
+    let property = |key: &str| {
+        settings
+            .properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    tracing::warn!(
+        brokers = property("bootstrap.servers"),
+        group = property("group.id"),
+        topic = %settings.topic,
+        "waiting for Kafka: no partition assigned yet (brokers unreachable, topic missing, or more group \
+         members than partitions); retrying, not ready until then"
+    );
+    Some(Instant::now() + WAITING_NOTICE_EVERY)
+}
+
 fn flow_control(
     consumer: &BaseConsumer<TrackingContext>,
     state: &Arc<Mutex<SharedState>>,

@@ -48,6 +48,8 @@ use futures::StreamExt as _;
 use image::{ImageEncoder as _, RgbImage};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::kafka_errors::QuietContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -350,9 +352,11 @@ impl ReplayOptions {
     }
 
     /// Options from the service configuration: brokers and client options (`kafka.options`,
-    /// `kafka.consumer_options`), the schema registry, `fetch` and `decode.max_pixels`.
+    /// `kafka.consumer_options`), `kafka.connect_timeout` as the metadata requests' limit, the
+    /// schema registry, `fetch` and `decode.max_pixels`.
     pub fn from_config(config: &Config, topic: &str) -> Result<Self> {
         let mut options = Self::new(&config.kafka.bootstrap_servers, topic);
+        options.request_timeout = config.kafka.connect_timeout;
         for (k, v) in config.kafka.options.iter().chain(&config.kafka.consumer_options) {
             options.kafka_properties.push((normalize_kafka_key(k), v.clone()));
         }
@@ -604,7 +608,7 @@ pub fn take_snapshot(options: &ReplayOptions) -> Result<Snapshot> {
 /// The broker's first offset at or after each timestamp bound picked by `bound`; `None` when
 /// the broker cannot place it (no record at or after it, or no time index).
 fn offsets_for_times(
-    consumer: &BaseConsumer,
+    consumer: &ReplayConsumer,
     topic: &str,
     selected: &[(i32, RangeSpec)],
     bound: impl Fn(&RangeSpec) -> Bound,
@@ -668,9 +672,12 @@ fn throwaway_group_id() -> String {
     format!("attrstream-replay-{}", uuid::Uuid::new_v4())
 }
 
-fn create_consumer(options: &ReplayOptions, group_id: &str) -> Result<BaseConsumer> {
+/// Replay's consumer: librdkafka's, with its global errors rate-limited in the logs.
+type ReplayConsumer = BaseConsumer<QuietContext>;
+
+fn create_consumer(options: &ReplayOptions, group_id: &str) -> Result<ReplayConsumer> {
     consumer_config(options, group_id)
-        .create()
+        .create_with_context(QuietContext::default())
         .context("cannot create the Kafka consumer for replay (check the kafka options)")
 }
 
@@ -807,7 +814,7 @@ pub async fn read_snapshot(options: &ReplayOptions, snapshot: &Snapshot) -> Resu
 /// The consumer loop (blocking thread): assign the snapshot's partitions at their start
 /// offsets, forward records until each partition reaches its end, then stop.
 fn read_partitions(
-    consumer: &BaseConsumer,
+    consumer: &ReplayConsumer,
     snapshot: &Snapshot,
     idle_timeout: Duration,
     tx: &mpsc::Sender<RawRecord>,
@@ -903,7 +910,7 @@ fn read_partitions(
     Ok(counts)
 }
 
-fn pause(consumer: &BaseConsumer, topic: &str, partition: i32) {
+fn pause(consumer: &ReplayConsumer, topic: &str, partition: i32) {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
     if let Err(e) = consumer.pause(&tpl) {
