@@ -256,7 +256,8 @@ fn bar_style(unit: Unit, bounded: bool) -> ProgressStyle {
         (Unit::Items, false) => "{spinner} {pos} {per_sec}",
         (Unit::Bytes, false) => "{spinner} {bytes} {bytes_per_sec}",
     };
-    let template = format!("{{prefix}} {{elapsed_precise}} {figures} {{msg}}");
+    // `wide_msg` takes what is left of the line and is cut there: the bar never wraps.
+    let template = format!("{{prefix}} {{elapsed_precise}} {figures} {{wide_msg}}");
     ProgressStyle::with_template(&template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ")
