@@ -175,18 +175,55 @@ fn exit_code_3_when_the_broker_cannot_be_reached_within_the_timeout() {
         .unwrap()
         .write_all(b"not decoded by publish")
         .unwrap();
+    let labelled = dir.path().join("labelled");
+    let made = run(
+        dir.path(),
+        &["synth-labels", "--out", labelled.to_str().unwrap(), "--images", "2"],
+    );
+    assert!(made.status.success(), "{}", stderr(&made));
+    let annotations = labelled.join("annotations.json");
     let timeout = ["--set", "kafka.connect_timeout=\"2s\""];
-    let commands: [Vec<&str>; 2] = [
+    let commands: [Vec<&str>; 5] = [
         vec!["publish", "--brokers", NO_BROKER, image.to_str().unwrap()],
         vec!["tail", "--brokers", NO_BROKER],
+        vec![
+            "publish-labels",
+            "--brokers",
+            NO_BROKER,
+            "--schema-id",
+            "4",
+            "--annotations",
+            annotations.to_str().unwrap(),
+        ],
+        vec![
+            "eval",
+            "--brokers",
+            NO_BROKER,
+            "--model",
+            "m.safetensors",
+            "--topic",
+            "labelled",
+        ],
+        vec![
+            "train",
+            "--brokers",
+            NO_BROKER,
+            "--base",
+            "m.safetensors",
+            "--topic",
+            "labelled",
+        ],
     ];
     for command in commands {
         let started = Instant::now();
         let out = run(dir.path(), &[&command[..], &FIXED_IDS, &timeout].concat());
         let took = started.elapsed();
         assert_eq!(out.status.code(), Some(3), "{command:?}: {}", stderr(&out));
+        // publish, tail and publish-labels wait for the brokers first; eval and train fail
+        // reading the topic's metadata within the same limit.
         assert!(
-            stderr(&out).contains("cannot reach the Kafka brokers at 127.0.0.1:1 within 2s"),
+            stderr(&out).contains("cannot reach the Kafka brokers at 127.0.0.1:1 within 2s")
+                || stderr(&out).contains("cannot read the metadata of topic labelled (are the brokers reachable?)"),
             "{command:?}: {}",
             stderr(&out)
         );
