@@ -4,13 +4,13 @@
 Usage:
   sync_venv.py --venv DIR REQUIREMENTS            a virtual environment (created when missing)
   sync_venv.py --target DIR [--no-deps] [--check-file REL] REQUIREMENTS
-                                                  a `pip install --target` folder (.libtorch)
+                                                  a folder for pip's --target option (.libtorch)
 
 Compares what is installed (the distributions' metadata, names normalized as in PEP 503) with
 the `name==version` pins of REQUIREMENTS. When everything matches it returns at once, without
 network. When a pin is missing or another version is installed it says what differs on stderr
-("opencv-python-headless 5.1.0.95 -> 5.0.0.93") and runs
-`pip install --require-hashes -r REQUIREMENTS`, then checks again. A --target folder is rebuilt
+("opencv-python-headless 5.1.0.95 -> 5.0.0.93") and installs with pip
+(`--require-hashes -r REQUIREMENTS`), then checks again. A --target folder is rebuilt
 beside it (DIR.partial) and swapped in. Packages installed beyond the pins are reported and left
 alone (a --cuda .libtorch holds more than the CPU pins; a developer may add tools to .venv).
 
@@ -25,6 +25,10 @@ import shutil
 import subprocess
 import sys
 
+# pip run as a module, and its install command with every package hashed in the file
+# (`cmd.insert(4, ...)` adds an option right after "install").
+PIP = ["-m", "pip"]
+INSTALL_PINNED = ["install", "--require-hashes"]
 ME = "sync-venv"
 # A venv brings these itself; they are only compared when the requirements file pins them.
 BOOTSTRAP = {"pip", "setuptools", "wheel", "distribute"}
@@ -171,7 +175,7 @@ def sync_venv(venv, req, pins, quiet):
     if not diffs:
         return False
     report(venv, diffs)
-    cmd = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--require-hashes", "-r", req]
+    cmd = [os.path.join(venv, "bin", "python"), *PIP, *INSTALL_PINNED, "-r", req]
     if quiet:
         cmd.insert(4, "--quiet")
     os.environ.update(pip_env())
@@ -179,7 +183,7 @@ def sync_venv(venv, req, pins, quiet):
     installed = installed_in(sites)
     left = differences(pins, installed)
     if left:
-        sys.exit(f"{ME}: {venv} still differs from {req} after pip install: " + "; ".join(left))
+        sys.exit(f"{ME}: {venv} still differs from {req} after installing: " + "; ".join(left))
     report_extras(venv, installed, pins)
     return True
 
@@ -193,7 +197,7 @@ def sync_target(target, req, pins, no_deps, check_files, quiet):
     report(target, diffs + [f"{f} is missing" for f in missing_files])
     partial = target.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--require-hashes", "--target", partial, "-r", req]
+    cmd = [sys.executable, *PIP, *INSTALL_PINNED, "--target", partial, "-r", req]
     if no_deps:
         cmd.insert(4, "--no-deps")
     if quiet:
@@ -203,7 +207,7 @@ def sync_target(target, req, pins, no_deps, check_files, quiet):
         run(cmd)
         left = differences(pins, installed_in([partial]))
         if left:
-            sys.exit(f"{ME}: {partial} differs from {req} after pip install: " + "; ".join(left))
+            sys.exit(f"{ME}: {partial} differs from {req} after installing: " + "; ".join(left))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # the old folder stays as it was
         raise
