@@ -42,15 +42,57 @@ const DLQ: &str = "dead-letters";
 const SIZE: &str = "128";
 
 fn cli(args: &[&str]) -> (String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_attrstream"));
+    command.args(args);
+    run_ok(command)
+}
+
+/// Runs `command`, asserts it succeeded, and returns its stdout and stderr.
+fn run_ok(mut command: Command) -> (String, String) {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_attrstream"))
-        .args(args)
-        .output()
-        .expect("run attrstream");
+    let out = command.output().expect("run attrstream");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "attrstream {args:?} failed:\n{stderr}");
-    eprintln!("attrstream {} took {:.0?}", args[0], started.elapsed());
+    assert!(out.status.success(), "{command:?} failed:\n{stderr}");
+    let name = command
+        .get_args()
+        .next()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    eprintln!("attrstream {name} took {:.0?}", started.elapsed());
     (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+/// `attrstream train` on the labelled topic from the registry's production version, as CI's CPU
+/// allows (small images, frozen backbone), evaluated on the validation side of a 25 %
+/// product-hash split and promoted if better; `extra` adds the run's own flags.
+fn train_command(brokers: &str, registry: &str, out: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_attrstream"));
+    command
+        .args([
+            "train",
+            "--topic",
+            LABELS,
+            "--brokers",
+            brokers,
+            "--model-registry",
+            registry,
+        ])
+        .args([
+            "--base-version",
+            "production",
+            "--devices",
+            "cpu",
+            "--min-size",
+            SIZE,
+            "--max-size",
+            SIZE,
+        ])
+        .args(["--trainable-backbone-layers", "0", "--batch-size", "4", "--seed", "1"])
+        .args(["--validation-fraction", "0.25", "--promote", "--no-progress", "--out"])
+        .arg(out)
+        .args(extra);
+    command
 }
 
 fn serve_config(brokers: &str, registry: &Path, cache: &Path) -> Config {
@@ -228,45 +270,23 @@ fn fine_tuning_improves_the_model_and_serve_switches_to_it_without_losing_an_eve
 
     // 4. Fine-tune, evaluate, publish, promote.
     let out_dir = dir.path().join("run");
-    let (stdout, stderr) = cli(&[
-        "train",
-        "--topic",
-        LABELS,
-        "--brokers",
+    let (stdout, stderr) = run_ok(train_command(
         &brokers,
-        "--model-registry",
         reg,
-        "--base-version",
-        "production",
-        "--out",
-        out_dir.to_str().unwrap(),
-        "--devices",
-        "cpu",
-        "--min-size",
-        SIZE,
-        "--max-size",
-        SIZE,
-        "--trainable-backbone-layers",
-        "0",
-        "--batch-size",
-        "4",
-        "--steps",
-        "60",
-        "--lr",
-        "0.02",
-        "--warmup-steps",
-        "6",
-        "--clip-grad-norm",
-        "10",
-        "--checkpoint-every",
-        "20",
-        "--seed",
-        "1",
-        "--validation-fraction",
-        "0.25",
-        "--promote",
-        "--no-progress",
-    ]);
+        &out_dir,
+        &[
+            "--steps",
+            "60",
+            "--lr",
+            "0.02",
+            "--warmup-steps",
+            "6",
+            "--clip-grad-norm",
+            "10",
+            "--checkpoint-every",
+            "20",
+        ],
+    ));
     eprintln!("{stderr}");
     let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
     let report: Value = serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
@@ -362,48 +382,16 @@ fn fine_tuning_improves_the_model_and_serve_switches_to_it_without_losing_an_eve
 
     // 6. A promotion the registry refuses is exit code 1 with the reason, and production stays.
     let refused_dir = dir.path().join("refused");
-    let out = Command::new(env!("CARGO_BIN_EXE_attrstream"))
-        .args([
-            "train",
-            "--topic",
-            LABELS,
-            "--brokers",
-            &brokers,
-            "--model-registry",
-            reg,
-        ])
-        .args([
-            "--base-version",
-            "production",
-            "--devices",
-            "cpu",
-            "--min-size",
-            SIZE,
-            "--max-size",
-            SIZE,
-        ])
-        .args([
-            "--trainable-backbone-layers",
-            "0",
-            "--batch-size",
-            "4",
-            "--steps",
-            "1",
-            "--seed",
-            "1",
-        ])
-        .args([
-            "--validation-fraction",
-            "0.25",
-            "--no-progress",
-            "--promote",
-            "--min-improvement",
-            "1",
-        ])
-        .arg("--out")
-        .arg(&refused_dir)
-        .arg("--cache-dir")
-        .arg(out_dir.join("cache"))
+    let cache = out_dir.join("cache");
+    let extra = [
+        "--steps",
+        "1",
+        "--min-improvement",
+        "1",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    let out = train_command(&brokers, reg, &refused_dir, &extra)
         .output()
         .expect("run attrstream train");
     let stderr = String::from_utf8_lossy(&out.stderr);
