@@ -7,17 +7,14 @@
 //! transport error. `serve` does not use this: like every Kafka consumer it keeps retrying an
 //! unreachable cluster, says so in its log, and is not ready (`/readyz`) meanwhile.
 
-use std::time::Duration;
-
 use anyhow::{anyhow, Result};
 use rdkafka::client::{Client, ClientContext};
 
-/// Waits until the brokers answer a metadata request, at most `timeout`.
-pub fn wait_for_brokers<C: ClientContext>(
-    client: &Client<C>,
-    bootstrap_servers: &str,
-    timeout: Duration,
-) -> Result<()> {
+use crate::config::KafkaConfig;
+
+/// Waits until the brokers answer a metadata request, at most `kafka.connect_timeout`.
+pub fn wait_for_brokers<C: ClientContext>(client: &Client<C>, kafka: &KafkaConfig) -> Result<()> {
+    let (bootstrap_servers, timeout) = (&kafka.bootstrap_servers, kafka.connect_timeout);
     client.fetch_metadata(None, timeout).map(drop).map_err(|e| {
         anyhow!(
             "cannot reach the Kafka brokers at {bootstrap_servers} within {timeout:?} ({e}); check \
@@ -27,10 +24,6 @@ pub fn wait_for_brokers<C: ClientContext>(
 }
 
 /// [`wait_for_brokers`] from async code (the metadata request blocks a thread).
-pub async fn wait_for_brokers_async<C: ClientContext + 'static>(
-    client: &Client<C>,
-    bootstrap_servers: &str,
-    timeout: Duration,
-) -> Result<()> {
-    tokio::task::block_in_place(|| wait_for_brokers(client, bootstrap_servers, timeout))
+pub async fn wait_for_brokers_async<C: ClientContext + 'static>(client: &Client<C>, kafka: &KafkaConfig) -> Result<()> {
+    tokio::task::block_in_place(|| wait_for_brokers(client, kafka))
 }

@@ -30,12 +30,7 @@ pub fn run(args: PublishArgs) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     runtime()?.block_on(async {
         let producer = create_producer(&producer_properties(&config))?;
-        wait_for_brokers_async(
-            producer.client(),
-            &config.kafka.bootstrap_servers,
-            config.kafka.connect_timeout,
-        )
-        .await?;
+        wait_for_brokers_async(producer.client(), &config.kafka).await?;
         let framing = input_framing(&config, &topic).await?;
         publish_events(&producer, &topic, framing, &events).await?;
         for e in &events {

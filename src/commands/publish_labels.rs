@@ -62,7 +62,7 @@ pub fn run(args: PublishLabelsArgs) -> Result<ExitCode> {
         )
         .await?;
         let producer = create_producer(&producer_properties(&config))?;
-        wait_for_brokers_async(producer.client(), &config.kafka.bootstrap_servers, config.kafka.connect_timeout).await?;
+        wait_for_brokers_async(producer.client(), &config.kafka).await?;
         publish(&producer, topic, schema_id, &data, args.uri).await
     })?;
     println!("{}", serde_json::to_string(&summary)?);

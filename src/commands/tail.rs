@@ -44,12 +44,7 @@ pub fn run(args: TailArgs) -> Result<ExitCode> {
         let consumer: StreamConsumer<QuietContext> = client
             .create_with_context(QuietContext::default())
             .context("cannot create the Kafka consumer")?;
-        wait_for_brokers_async(
-            consumer.client(),
-            &config.kafka.bootstrap_servers,
-            config.kafka.connect_timeout,
-        )
-        .await?;
+        wait_for_brokers_async(consumer.client(), &config.kafka).await?;
         consumer
             .subscribe(&[&topic])
             .with_context(|| format!("cannot subscribe to {topic}"))?;
